@@ -1,0 +1,151 @@
+"""The built-in world: a character tokenizer, a ~0.8M-parameter Qwen2 and an addition task.
+
+`python train.py` with no arguments trains on this, so the whole method can be run, tested and
+read on a laptop with no downloads. Everything is built in code and seeded.
+
+The task is sparse-reward in the paper's sense: the randomly initialised model never writes a
+correct `\\boxed{}` answer, so plain GRPO sees all-zero groups and learns nothing, while the teacher
+solutions injected by SSI show it the format and the arithmetic.
+
+Format (digits=2), one line per column, least significant first:
+
+    prompt   47+38=?
+    solution 7+8=15 15
+             4+3+1=8 85
+             \\boxed{85}
+
+A column line is `x+y=s r` or `x+y+1=s r` (the `+1` is the carry in). `s` is the column sum
+and `r` the running result: the sum of the columns done so far, (a mod 10^k) + (b mod 10^k) for
+the k lowest columns, written with at least k digits. Each line's r is its s followed by the
+previous r without its carry digit, so the last r is the answer and the box copies it.
+The `verbose` teacher is correct but restates the problem and checks every line twice.
+"""
+
+import random
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from data import Problem
+
+TINY = "tiny"        # train.py --model default: build this model and tokenizer in code
+BUILTIN = "builtin"  # train.py --data default: the addition task below (see data.load_problems)
+
+# ----------------------------------------------------------------------------
+# Model size. Tune these for learning speed; the defaults give 801,152 parameters.
+
+HIDDEN = 128          # hidden_size; head_dim = HIDDEN / HEADS = 32
+LAYERS = 4            # num_hidden_layers
+HEADS = 4             # num_attention_heads
+KV_HEADS = 2          # num_key_value_heads (grouped-query attention, as in Qwen2.5)
+INTERMEDIATE = 384    # MLP width (3x hidden)
+MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutions are ~150
+# rope_theta keeps Qwen2Config's default (10000): the sequences are short.
+
+# ----------------------------------------------------------------------------
+# Tokenizer
+
+EOS = "<|endoftext|>"  # the Qwen2.5 name; also the pad token, as in Qwen2.5
+UNK = "<unk>"          # any character outside the alphabet
+# Printable ASCII (space to '~', which holds digits, both cases and every symbol LaTeX needs) and
+# newline. One character, one token: the model never has to learn how numbers were split.
+ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: ids 0 and 1 are EOS/pad and UNK, then one id per character.
+
+    decode(encode(s)) == s for any string over ALPHABET. It has no chat template, so
+    data.render_prompt hands the model the bare problem text.
+    """
+    vocab = {tok: i for i, tok in enumerate([EOS, UNK] + ALPHABET)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Split before the vocabulary lookup so every character (newline included) is its own word;
+    # [\s\S] because '.' would skip the newline.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # concatenate: no spaces inserted between characters
+    tok.add_special_tokens([EOS, UNK])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   unk_token=UNK, model_max_length=MAX_POSITIONS)
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+
+def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A randomly initialised fp32 Qwen2 with the sizes above; `overrides` go to Qwen2Config.
+
+    Tied embeddings like Qwen2.5-0.5B/1.5B, so weight sync and checkpoints take the same path as
+    the real models. The global RNG is left untouched: the same seed gives the same weights
+    whatever ran before.
+    """
+    eos = tokenizer.eos_token_id
+    config = dict(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, dtype="float32",
+    )
+    config.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(Qwen2Config(**config))
+    return model.float()  # fp32 even if torch's default dtype was changed
+
+
+# ----------------------------------------------------------------------------
+# Task
+
+
+def solve(a: int, b: int, teacher: str = "standard") -> str:
+    """The worked column-by-column solution of a+b (format in the module docstring)."""
+    if teacher not in ("standard", "verbose"):
+        raise ValueError(f"teacher must be 'standard' or 'verbose', got {teacher!r}")
+    width = max(len(str(a)), len(str(b)))
+    lines, carry = [], 0
+    for k in range(width):
+        x, y = a // 10**k % 10, b // 10**k % 10
+        s = x + y + carry
+        low = 10 ** (k + 1)
+        running = str(a % low + b % low).zfill(k + 1)  # the k+1 lowest columns, carry included
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={s} {running}")
+        carry = s // 10
+    if teacher == "verbose":
+        # Same arithmetic, needlessly long: a restatement, every line checked, a closing summary.
+        lines = [f"We add {a} and {b} column by column."] + \
+                [ln for line in lines for ln in (line, f"check: {line}")] + \
+                [f"so {a}+{b}={a + b}"]
+    return "\n".join(lines + [f"\\boxed{{{a + b}}}"])
+
+
+def make_problem(a: int, b: int, teacher: str = "standard") -> Problem:
+    """One task instance as a chat-format Problem."""
+    return Problem(prompt=[{"role": "user", "content": f"{a}+{b}=?"}], answer=str(a + b),
+                   solution=solve(a, b, teacher), source=BUILTIN)
+
+
+def make_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 2,
+              teacher: str = "standard") -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) lists of addition problems with `digits`-digit operands.
+
+    Eval is drawn first, so it depends only on (seed, n_eval, digits) and stays the same when
+    n_train changes. Train excludes every eval pair and its swap (b+a is the same problem to a
+    learner that has seen a+b). Deterministic given the seed.
+    """
+    lo = 10 ** (digits - 1) if digits > 1 else 0
+    span = 10**digits - lo                  # how many operands have exactly `digits` digits
+    total = span * span
+    # random.sample over a range draws without building the list, so digits=6 is fine too.
+    rng = random.Random(seed)
+    pair = lambda i: (lo + i // span, lo + i % span)
+    eval_pairs = [pair(i) for i in rng.sample(range(total), min(total, n_eval))]
+    held_out = set(eval_pairs) | {(b, a) for a, b in eval_pairs}  # at most 2 * n_eval pairs
+    draws = rng.sample(range(total), min(total, n_train + 2 * n_eval))
+    train_pairs = [pair(i) for i in draws if pair(i) not in held_out][:n_train]
+    if len(eval_pairs) < n_eval or len(train_pairs) < n_train:
+        raise ValueError(f"only {total} distinct {digits}-digit problems: n_train={n_train} and "
+                         f"n_eval={n_eval} (held out with their swaps) are too many")
+    return ([make_problem(a, b, teacher) for a, b in train_pairs],
+            [make_problem(a, b, teacher) for a, b in eval_pairs])
