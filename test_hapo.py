@@ -241,3 +241,68 @@ def test_chunked_logprobs_peak_memory_far_below_naive():
         peak[naive] = float(out.stdout.split()[-1])  # MB above the logits themselves
     assert peak[True] > 250, peak  # the naive version holds a second [B, T, V] copy
     assert peak[False] < 0.2 * peak[True], peak
+
+
+# ----------------------------------------------------------------------------
+# train.py end to end: a few steps, exact resume, bad input
+
+TRAIN_SMALL = ["--batch_prompts", "4", "--group_size", "4", "--max_new_tokens", "12", "--eval_problems", "8",
+               "--eval_every", "2", "--no-progress", "--rollout", "hf"]
+
+
+def _metrics(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_train_end_to_end_few_steps(tmp_path):
+    import train
+    out = str(tmp_path / "run")
+    train.main(TRAIN_SMALL + ["--max_steps", "3", "--out_dir", out, "--method", "hapo"])
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[3]
+    need = ["train/reward", "train/response_len", "train/teacher_injected", "train/gate_open_frac",
+            "train/zero_var_frac", "train/loss", "train/grad_norm", "time/step_s", "time/tokens_per_s"]
+    for r in rows[1:]:
+        assert all(k in r for k in need), r
+        assert r["train/teacher_injected"] == 4  # untrained: every group fails, the gate opens for all
+        assert math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0
+    ckpt = open(os.path.join(out, "latest")).read().strip()
+    assert ckpt == "step_000003"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, ckpt)), AutoTokenizer.from_pretrained(os.path.join(out, ckpt))
+
+
+def test_train_resume_is_exact(tmp_path):
+    import train
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = TRAIN_SMALL + ["--method", "hapo", "--save_every", "2", "--eval_every", "3"]
+    train.main(common + ["--max_steps", "4", "--out_dir", a])
+    train.main(common + ["--max_steps", "2", "--out_dir", b])
+    train.main(common + ["--max_steps", "4", "--out_dir", b, "--resume"])
+    ma, mb = _metrics(a), _metrics(b)
+    assert [r["step"] for r in mb] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):  # b also evaluated at its stop (step 2): compare what both logged
+        assert {k for k in ra if k.startswith("train/")} == {k for k in rb if k.startswith("train/")}
+        for k in ra.keys() & rb.keys():
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def _run_train(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=300)
+
+
+def test_train_bad_input_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "result": "2"}\n')
+    cases = [(["--bogus_flag", "1"], "unrecognized arguments"),
+             (["--model", str(tmp_path / "no_such_model")], "does not exist"),
+             (["--data", str(bad)], "bad.jsonl"),
+             (["--method", "ppo"], "--method")]
+    for args, words in cases:
+        r = _run_train(*args, "--out_dir", str(tmp_path / "o"))
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and words in lines[0], (args, r.stderr)

@@ -1,4 +1,4 @@
-"""The built-in world: a character tokenizer, a ~0.8M-parameter Qwen2 and an addition task.
+"""The built-in world: a byte-level tokenizer, a ~0.8M-parameter Qwen2 and an addition task.
 
 `python train.py` with no arguments trains on this, so the whole method can be run, tested and
 read on a laptop with no downloads. Everything is built in code and seeded.
@@ -24,7 +24,7 @@ The `verbose` teacher is correct but restates the problem and checks every line 
 import random
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from data import Problem
@@ -47,27 +47,27 @@ MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutio
 # Tokenizer
 
 EOS = "<|endoftext|>"  # the Qwen2.5 name; also the pad token, as in Qwen2.5
-UNK = "<unk>"          # any character outside the alphabet
-# Printable ASCII (space to '~', which holds digits, both cases and every symbol LaTeX needs) and
-# newline. One character, one token: the model never has to learn how numbers were split.
-ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: ids 0 and 1 are EOS/pad and UNK, then one id per character.
+    """A byte-level tokenizer with no merges: id 0 is EOS/pad, then one id per byte (257 in all).
 
-    decode(encode(s)) == s for any string over ALPHABET. It has no chat template, so
-    data.render_prompt hands the model the bare problem text.
+    It is Qwen2.5's tokenizer format (byte-level BPE) with the merge list left empty, so every
+    character of the task is one token and the model never has to learn how numbers were split,
+    while any UTF-8 text still encodes. Being the same format matters: transformers loads a saved
+    checkpoint's tokenizer through the class of the model type (Qwen2Tokenizer), which keeps the
+    byte-level pieces and would silently drop characters from a tokenizer of another kind.
+    No chat template, so data.render_prompt hands the model the bare problem text.
     """
-    vocab = {tok: i for i, tok in enumerate([EOS, UNK] + ALPHABET)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # Split before the vocabulary lookup so every character (newline included) is its own word;
-    # [\s\S] because '.' would skip the newline.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # concatenate: no spaces inserted between characters
-    tok.add_special_tokens([EOS, UNK])
+    vocab = {EOS: 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   unk_token=UNK, model_max_length=MAX_POSITIONS)
+                                   model_max_length=MAX_POSITIONS)
 
 
 # ----------------------------------------------------------------------------

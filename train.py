@@ -76,7 +76,8 @@ class Config:
 def parse_args(argv=None):
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, not the usage screen
-            sys.exit(f"train.py: error: {message} (see --help)")
+            print(f"train.py: error: {message} (see --help)", file=sys.stderr)
+            sys.exit(2)
     p = Parser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         if f.type is bool:
