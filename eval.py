@@ -165,7 +165,7 @@ def load_model(name: str, need_weights: bool):
     """(model or None, tokenizer); weights are loaded only for the HF engine (vLLM loads its own)."""
     if name == tiny.TINY:
         tok = tiny.make_tokenizer()
-        return tiny.make_model(tok), tok
+        return tiny.base_model(tok), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)

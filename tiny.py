@@ -21,7 +21,9 @@ previous r without its carry digit, so the last r is the answer and the box copi
 The `verbose` teacher is correct but restates the problem and checks every line twice.
 """
 
+import os
 import random
+import shutil
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -40,6 +42,7 @@ LAYERS = 4            # num_hidden_layers
 HEADS = 4             # num_attention_heads
 KV_HEADS = 2          # num_key_value_heads (grouped-query attention, as in Qwen2.5)
 INTERMEDIATE = 384    # MLP width (3x hidden)
+PRETRAIN_STEPS = 800  # base_model(): steps of next-token training on 1-digit sums
 MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutions are ~150
 # rope_theta keeps Qwen2Config's default (10000): the sequences are short.
 
@@ -93,6 +96,55 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(Qwen2Config(**config))
     return model.float()  # fp32 even if torch's default dtype was changed
+
+
+def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
+    """Give the random model what a base model brings to RL: the answer format and 1-digit sums.
+
+    Plain next-token training on the worked solutions of all 100 one-digit problems a+b. It learns
+    to copy digits from the prompt, add two digits and box a result, but it has never seen a
+    second column: on the built-in 2-digit task it writes a one-line answer and scores 0. That is the
+    sparse-reward regime of the paper (a base model that fails whole groups of hard prompts), reached
+    in seconds. Deterministic given the seed; the global RNG is left untouched.
+    """
+    rows = [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
+            for a in range(10) for b in range(10)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        pick = [rows[rng.randrange(len(rows))] for _ in range(batch)]
+        L = max(len(p) + len(r) for p, r in pick)
+        ids = torch.full((batch, L), tokenizer.pad_token_id)  # [b, L]
+        labels = torch.full((batch, L), -100)  # [b, L] loss on the solution tokens only
+        for i, (p, r) in enumerate(pick):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                     labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def base_model(tokenizer, seed=0):
+    """make_model + pretrain, cached on disk ($HAPO_CACHE, default ~/.cache/hapo) after the first call."""
+    from transformers import AutoModelForCausalLM
+    root = os.environ.get("HAPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hapo"))
+    path = os.path.join(root, f"tiny-base-L{LAYERS}-H{HIDDEN}-s{PRETRAIN_STEPS}-seed{seed}")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = pretrain(make_model(tokenizer, seed), tokenizer, seed=seed)
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)  # atomic: a concurrent or killed run never sees half a model
+    except OSError:  # another process (a torchrun rank) got there first with the same weights
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
 
 
 # ----------------------------------------------------------------------------

@@ -75,8 +75,9 @@ class Config:
 
 def parse_args(argv=None):
     class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, not the usage screen
-            print(f"train.py: error: {message} (see --help)", file=sys.stderr)
+        def error(self, message):  # one line, not the usage screen; once, not once per rank
+            if master:
+                print(f"train.py: error: {message} (see --help)", file=sys.stderr)
             sys.exit(2)
     p = Parser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
@@ -91,7 +92,10 @@ def parse_args(argv=None):
               (cfg.group_size >= 2, "--group_size must be at least 2 (advantages need a group)"),
               (cfg.batch_prompts >= 1 and cfg.max_steps >= 0, "--batch_prompts and --max_steps must be positive"),
               (cfg.mini_batches >= 1 and cfg.micro_batch >= 1, "--mini_batches and --micro_batch must be >= 1"),
-              (cfg.batch_prompts % world == 0, f"--batch_prompts must be divisible by the {world} ranks")]
+              (cfg.batch_prompts % world == 0, f"--batch_prompts must be divisible by the {world} ranks"),
+              (world == 1 or cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # same mini-batches as 1 rank
+               f"--batch_prompts must be divisible by {world} ranks x {cfg.mini_batches} mini-batches"),
+              (world == 1 or world % cfg.tensor_parallel == 0, f"--tensor_parallel must divide the {world} ranks")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
@@ -99,7 +103,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# distributed: a dozen lines; nothing changes when not under torchrun
+# distributed: a dozen lines plus FSDP2; nothing changes when not under torchrun
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 master = rank == 0
@@ -122,14 +126,27 @@ def all_sum(x):
     return t.item() if t.dim() == 0 else t
 
 
-def shard_model(model, cfg):
-    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute on GPU."""
+class Policy(torch.nn.Module):
+    """FSDP2's root module: policy(fn, *args) = fn(model, *args). FSDP2 gathers the root's parameters
+    (embeddings, final norm, LM head) around the root's forward, but loss.sequence_logprobs calls
+    model.model and reads the LM head itself: the LM's forward never runs, so this one wraps the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def shard_model(policy):
+    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else {}
+    for layer in policy.model.model.layers:
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**bf16))
+    # the root's inputs are the batch (advantages, old log-probs): keep them fp32
+    fully_shard(policy, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False))
 
 
 # ----------------------------------------------------------------------------
@@ -140,6 +157,8 @@ def fail(msg):
     """A user error: one line on stderr and exit code 2, never a traceback."""
     if master:
         print(f"train.py: error: {msg}", file=sys.stderr)
+    if dist.is_initialized():  # exit cleanly, not with an abort from gloo's threads
+        dist.destroy_process_group()
     sys.exit(2)
 
 
@@ -147,7 +166,7 @@ def load_model(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == tiny.TINY:
         tok = tiny.make_tokenizer()
-        return tiny.make_model(tok), tok
+        return tiny.base_model(tok), tok
     if not os.path.isdir(name) and (os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/"))):
         fail(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
     try:
@@ -238,11 +257,40 @@ def latest_checkpoint(out_dir):
     return os.path.join(out_dir, open(path).read().strip())
 
 
+def load_state(start_dir, model, opt):
+    """A checkpoint's optimizer and RNG state (the model came from its directory) -> (step, cursor).
+
+    Under FSDP2 rank 0 reads the full optimizer state and broadcasts it tensor by tensor into the
+    shards; the file is memory-mapped, so the other ranks read only the small entries."""
+    state = torch.load(os.path.join(start_dir, "state.pt"), weights_only=False, mmap=world > 1)
+    if state["world"] != world:
+        fail(f"checkpoint was written by {state['world']} ranks; resume it with the same number")
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state["optimizer"] if master else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][rank])
+    return state["step"], state["cursor"]
+
+
 # ----------------------------------------------------------------------------
-# one optimizer update on a (local) rollout batch
+# the trainer's side of a step: the policy, its update, the metrics
 
 
-def optimize(model, opt, batch, method, cfg, num_tokens):
+def make_policy(model, cfg):
+    """The trained policy (FSDP2-sharded under torchrun) and its AdamW."""
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable()  # non-reentrant, which FSDP2 composes with
+    policy = Policy(model)
+    if world > 1:
+        shard_model(policy)
+    return policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def optimize(policy, opt, batch, cfg, num_tokens):
     """Mini-batch updates over the batch, each with micro-batches under the global token count.
 
     Returns (loss, grad_norm) of the last update. Losses are scaled by the world size because FSDP2
@@ -251,9 +299,9 @@ def optimize(model, opt, batch, method, cfg, num_tokens):
     B = len(batch)
     if cfg.mini_batches > 1:  # several updates per batch: freeze pi_theta_old first
         with torch.no_grad():
-            batch.old_logp = torch.cat([sequence_logprobs(model, batch.input_ids[i:i + cfg.micro_batch],
-                                                          batch.attention_mask[i:i + cfg.micro_batch],
-                                                          cfg.chunk_size) for i in range(0, B, cfg.micro_batch)])
+            batch.old_logp = torch.cat([policy(sequence_logprobs, batch.input_ids[i:i + cfg.micro_batch],
+                                               batch.attention_mask[i:i + cfg.micro_batch], cfg.chunk_size)
+                                        for i in range(0, B, cfg.micro_batch)])
     per = math.ceil(B / cfg.mini_batches)
     for m in range(0, B, per):
         mini = batch.slice(m, m + per)
@@ -263,14 +311,32 @@ def optimize(model, opt, batch, method, cfg, num_tokens):
         for i in range(0, len(mini), cfg.micro_batch):
             micro = mini.slice(i, i + cfg.micro_batch)
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1):
-                loss = batch_loss(model, micro, method, mini_tokens, cfg.clip_eps, cfg.shaping_gamma, cfg.chunk_size)
+                loss = policy(batch_loss, micro, cfg.method, mini_tokens, cfg.clip_eps, cfg.shaping_gamma,
+                              cfg.chunk_size)
             (loss * world).backward()
             total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over ranks
             grad_norm = grad_norm.full_tensor()
         opt.step()
     return all_sum(total), float(grad_norm)
+
+
+def update(policy, opt, groups, cfg, gamma, pad_id):
+    """Stages 3-7 on this rank's groups; returns the step's metrics, reduced over ranks."""
+    # 3-6. confidence, gate, SSI, advantages (hapo.py), packed for the trainer
+    batch, m = build_batch(groups, cfg.method, gamma, pad_id)
+    if world > 1:  # counts are summed over ranks, means averaged (every rank holds as many groups)
+        total = all_sum(torch.tensor(list(m.values()), dtype=torch.float64))  # [len(m)]: one all_reduce
+        m = {k: v.item() / (1 if k in ("train/teacher_injected", "train/teacher_failed") else world)
+             for k, v in zip(m, total)}
+    for f in ("input_ids", "attention_mask", "loss_mask", "advantages", "teacher"):
+        setattr(batch, f, getattr(batch, f).to(device))
+    num_tokens = all_sum(float(batch.num_tokens()))  # Eq. 8's normaliser: all tokens on all ranks
+    # 7. loss and optimizer step
+    policy.train()
+    loss, grad_norm = optimize(policy, opt, batch, cfg, num_tokens)
+    return {**m, "train/gamma": gamma, "train/loss": loss, "train/grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------
@@ -311,26 +377,16 @@ def main(argv=None):
     sampler = copy.deepcopy(model).to(device) if world > 1 and kind == "hf" else model
     engine = make_engine(kind, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory,
                          seed=cfg.seed, enable_sleep_mode=cfg.vllm_sleep, tensor_parallel_size=cfg.tensor_parallel)
-    model.to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    if world > 1:
-        shard_model(model, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
+    # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
+    tp = cfg.tensor_parallel if kind == "vllm" and world > 1 else 1
+    dp_rank, dp_world = rank // tp, world // tp
+    policy, opt = make_policy(model, cfg)
 
     step, cursor = 0, 0
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if start_dir:
-        state = torch.load(os.path.join(start_dir, "state.pt"), weights_only=False)
-        if state["world"] != world:
-            fail(f"checkpoint was written by {state['world']} ranks; resume it with the same number")
-        step, cursor = state["step"], state["cursor"]
-        if world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][rank])
+        step, cursor = load_state(start_dir, model, opt)
         if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
             keep = [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
             open(metrics_path, "w").writelines(keep)
@@ -345,50 +401,40 @@ def main(argv=None):
     def run_eval(at):
         if not held:
             return {}
-        r = evaluate(engine, tok, held[rank::world], k=1, temperature=cfg.eval_temperature,
+        part = held[dp_rank::dp_world]
+        r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * at)
-        correct = all_sum(r["accuracy"] * len(held[rank::world]))
-        return {"eval/accuracy": correct / len(held)}
+        return {"eval/accuracy": all_sum(r["accuracy"] * len(part)) / tp / len(held)}
 
     if step == 0:
         log({"step": 0, **run_eval(0)})
-    local = slice(rank * cfg.batch_prompts // world, (rank + 1) * cfg.batch_prompts // world)
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not (master and cfg.progress),
                desc=cfg.method, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         # 1. rollout: N samples for each of this rank's prompts
-        idx = prompt_batch(len(problems), cursor, cfg.batch_prompts, cfg.seed)[local]
+        idx = prompt_batch(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
         cursor += cfg.batch_prompts
         completions = engine.generate([problems[i].prompt_ids for i in idx], cfg.group_size,
                                       cfg.max_new_tokens, cfg.temperature)
         if cfg.vllm_sleep:
             engine.sleep()  # level 1: vLLM hands its memory back to the trainer
+        N = cfg.group_size
+        mine = [(i, completions[g * N:(g + 1) * N]) for g, i in enumerate(idx)][rank % tp::tp]
         # 2. reward (Eq. 4)
-        texts = tok.batch_decode(completions, skip_special_tokens=True)
         groups = []
-        for g, i in enumerate(idx):
-            resp = completions[g * cfg.group_size:(g + 1) * cfg.group_size]
-            rew = [reward(t, problems[i].answer) for t in texts[g * cfg.group_size:(g + 1) * cfg.group_size]]
+        for i, resp in mine:
+            rew = [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)]
             groups.append(Group(problems[i].prompt_ids, resp, rew, problems[i].solution_ids, teacher_ok[i]))
-        # 3-6. confidence, gate, SSI, advantages (hapo.py), packed for the trainer
+        # 3-7. confidence and gate, SSI, advantages, loss, optimizer step
         gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
-        batch, m = build_batch(groups, cfg.method, gamma, tok.pad_token_id)
-        for f in ("input_ids", "attention_mask", "loss_mask", "advantages", "teacher"):
-            setattr(batch, f, getattr(batch, f).to(device))
-        num_tokens = all_sum(float(batch.num_tokens()))
-        # 7. loss and optimizer step
-        model.train()
-        loss, grad_norm = optimize(model, opt, batch, cfg.method, cfg, num_tokens)
+        m = update(policy, opt, groups, cfg, gamma, tok.pad_token_id)
         # 8. weight sync into the rollout engine
         engine.sync_weights(model)
         # log, evaluate, checkpoint
-        gen_tokens = all_sum(float(sum(len(c) for c in completions)))
-        m = {k: all_sum(v) / (world if k != "train/teacher_injected" and k != "train/teacher_failed" else 1)
-             for k, v in m.items()}
+        gen_tokens = all_sum(float(sum(len(r) for _, resp in mine for r in resp)))
         dt = time.time() - t0
-        row = {"step": step + 1, **m, "train/gamma": gamma, "train/loss": loss, "train/grad_norm": grad_norm,
-               "time/step_s": dt, "time/tokens_per_s": gen_tokens / dt}
+        row = {"step": step + 1, **m, "time/step_s": dt, "time/tokens_per_s": gen_tokens / dt}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             row.update(run_eval(step + 1))
         log(row)
@@ -396,7 +442,7 @@ def main(argv=None):
             acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
             bar.write(f"step {step + 1:4d} | reward {m['train/reward']:.3f} | len {m['train/response_len']:5.1f} | "
                       f"teacher {m['train/teacher_injected']:3.0f} | gate {m['train/gate_open_frac']:.2f} | "
-                      f"zero-var {m['train/zero_var_frac']:.2f} | loss {loss:+.4f} | {dt:.2f}s{acc}")
+                      f"zero-var {m['train/zero_var_frac']:.2f} | loss {m['train/loss']:+.4f} | {dt:.2f}s{acc}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(cfg, model, tok, opt, step + 1, cursor)
     if world > 1:
