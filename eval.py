@@ -18,7 +18,6 @@ train.py calls `evaluate` for its in-loop evaluation, so both report the same nu
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -147,7 +146,8 @@ def load_benchmarks(paths: list[str]) -> dict[str, list[data.Problem]]:
 
 
 def resolve_model(name: str) -> str:
-    """The directory (or hub id) to load; a training out_dir means its latest checkpoint."""
+    """The directory (or hub id) to load; a training out_dir means its latest checkpoint.
+    Raises DataError (one line) for a path that does not exist and is not a hub id either."""
     if name == tiny.TINY:
         return name
     if os.path.isfile(os.path.join(name, "latest")) and not os.path.exists(os.path.join(name, "config.json")):
@@ -155,26 +155,26 @@ def resolve_model(name: str) -> str:
     if os.path.isdir(name):
         return name
     if os.path.exists(name):
-        fail(f"model path '{name}' is not a directory")
+        raise DataError(f"model path '{name}' is not a directory")
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):  # not `owner/name` either
-        fail(f"model path '{name}' does not exist")
+        raise DataError(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
     return name
 
 
-def load_model(name: str, need_weights: bool):
-    """(model or None, tokenizer); weights are loaded only for the HF engine (vLLM loads its own)."""
+def load_model(name: str, need_weights: bool = True, dtype=None):
+    """(model or None, tokenizer) from resolve_model's answer; `tiny` is the built-in base model.
+    Weights are skipped when vLLM loads its own. Shared by train.py; raises DataError (one line)."""
     if name == tiny.TINY:
         tok = tiny.make_tokenizer()
         return tiny.base_model(tok), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32) \
-            if need_weights else None
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if need_weights else None
+    except (OSError, ValueError) as err:
         where = "" if os.path.isdir(name) else " (not a local directory, so tried as a hub id)"
-        fail(f"could not load model '{name}'{where}: {str(e).strip().splitlines()[0]}")
+        raise DataError(f"could not load model '{name}'{where}: {str(err).strip().splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -239,15 +239,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from rollout import make_engine
-    model_path = resolve_model(args.model)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
+    from rollout import make_engine, resolve_engine
     try:
+        use_vllm = resolve_engine(args.rollout)[0] == "vllm"
+        model_path = resolve_model(args.model)
         benchmarks = load_benchmarks(args.benchmarks)
-    except DataError as e:
-        fail(str(e))
-    use_vllm = args.rollout == "vllm" or (args.rollout == "auto" and torch.cuda.is_available()
-                                          and importlib.util.find_spec("vllm") is not None)
-    model, tok = load_model(model_path, need_weights=not use_vllm or model_path == tiny.TINY)
+        model, tok = load_model(model_path, need_weights=not use_vllm or model_path == tiny.TINY)
+    except (DataError, ImportError) as err:
+        fail(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
     check_settings(args.out_dir, {"model": model_path, "temperature": args.temperature,
                                   "top_p": args.top_p, "max_new_tokens": args.max_new_tokens})

@@ -3,9 +3,11 @@
 `python train.py` with no arguments trains on this, so the whole method can be run, tested and
 read on a laptop with no downloads. Everything is built in code and seeded.
 
-The task is sparse-reward in the paper's sense: the randomly initialised model never writes a
-correct `\\boxed{}` answer, so plain GRPO sees all-zero groups and learns nothing, while the teacher
-solutions injected by SSI show it the format and the arithmetic.
+The base model (base_model) is the random Qwen2 after a minute of next-token training on worked
+sums of numbers below 100: like a real base model it has the format and the basic skills. The
+task is three-digit sums, where it writes two columns and stops: it scores 0, so plain GRPO sees
+all-zero groups (advantage collapse), while the teacher solutions injected by SSI show the third
+column. That is the sparse-reward setting of the paper, small enough for a CPU.
 
 Format (digits=2), one line per column, least significant first:
 
@@ -26,6 +28,7 @@ import random
 import shutil
 
 import torch
+from tqdm import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -42,7 +45,7 @@ LAYERS = 4            # num_hidden_layers
 HEADS = 4             # num_attention_heads
 KV_HEADS = 2          # num_key_value_heads (grouped-query attention, as in Qwen2.5)
 INTERMEDIATE = 384    # MLP width (3x hidden)
-PRETRAIN_STEPS = 800  # base_model(): steps of next-token training on 1-digit sums
+PRETRAIN_STEPS = 3000  # base_model(): steps of next-token training on sums below 100
 MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutions are ~150
 # rope_theta keeps Qwen2Config's default (10000): the sequences are short.
 
@@ -98,21 +101,31 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return model.float()  # fp32 even if torch's default dtype was changed
 
 
-def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
-    """Give the random model what a base model brings to RL: the answer format and 1-digit sums.
+def pretraining_corpus(tokenizer):
+    """(prompt ids, solution ids + EOS) of every sum of numbers below 100, worked column by column.
 
-    Plain next-token training on the worked solutions of all 100 one-digit problems a+b. It learns
-    to copy digits from the prompt, add two digits and box a result, but it has never seen a
-    second column: on the built-in 2-digit task it writes a one-line answer and scores 0. That is the
-    sparse-reward regime of the paper (a base model that fails whole groups of hard prompts), reached
-    in seconds. Deterministic given the seed; the global RNG is left untouched.
+    The skills a base model brings to the task: the format, digit sums, carries, copying digits from
+    the prompt. Never a three-digit number: that is the built-in task (digits=3).
     """
-    rows = [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
-            for a in range(10) for b in range(10)]
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    return [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
+            for a, b in pairs]
+
+
+def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
+    """Give the random model what a base model brings to RL: column addition up to two digits.
+
+    Plain next-token training on pretraining_corpus(). On the built-in task (three-digit sums) it
+    writes two columns and boxes a wrong answer: it has never seen a third. It scores 0 there, the
+    paper's regime of a base model that fails whole groups of hard prompts, while the skills the
+    teacher's solutions build on are in place. Deterministic given the seed.
+    """
+    rows = pretraining_corpus(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="pretraining the tiny base model (once; cached)", leave=False,
+                  disable=os.environ.get("RANK", "0") != "0"):
         pick = [rows[rng.randrange(len(rows))] for _ in range(batch)]
         L = max(len(p) + len(r) for p, r in pick)
         ids = torch.full((batch, L), tokenizer.pad_token_id)  # [b, L]
@@ -129,15 +142,19 @@ def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
 
 
 def base_model(tokenizer, seed=0):
-    """make_model + pretrain, cached on disk ($HAPO_CACHE, default ~/.cache/hapo) after the first call."""
+    """make_model + pretrain, cached on disk ($HAPO_CACHE, default ~/.cache/hapo) after the first call.
+
+    The first call takes a few minutes on 2 CPU cores; $HAPO_PRETRAIN_STEPS overrides the length.
+    """
     from transformers import AutoModelForCausalLM
     root = os.environ.get("HAPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hapo"))
-    path = os.path.join(root, f"tiny-base-L{LAYERS}-H{HIDDEN}-s{PRETRAIN_STEPS}-seed{seed}")
+    steps = int(os.environ.get("HAPO_PRETRAIN_STEPS", PRETRAIN_STEPS))  # the tests use fewer
+    path = os.path.join(root, f"tiny-base-L{LAYERS}-H{HIDDEN}-s{steps}-seed{seed}")
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = pretrain(make_model(tokenizer, seed), tokenizer, seed=seed)
+        model = pretrain(make_model(tokenizer, seed), tokenizer, steps=steps, seed=seed)
     tmp = f"{path}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     try:
@@ -178,7 +195,7 @@ def make_problem(a: int, b: int, teacher: str = "standard") -> Problem:
                    solution=solve(a, b, teacher), source=BUILTIN)
 
 
-def make_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 2,
+def make_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3,
               teacher: str = "standard") -> tuple[list[Problem], list[Problem]]:
     """(train, eval) lists of addition problems with `digits`-digit operands.
 

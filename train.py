@@ -52,7 +52,7 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm
     clip_eps: float = 0.2  # PPO clip range of Eq. 3
     shaping_gamma: float = 0.1  # LUFFY's f(p) = p / (p + shaping_gamma)
-    max_new_tokens: int = 48  # rollout length limit
+    max_new_tokens: int = 64  # rollout length limit
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted)
     max_solution_tokens: int = 8192  # longer teacher solutions are dropped (counted)
     temperature: float = 1.0  # rollout temperature
@@ -160,23 +160,6 @@ def fail(msg):
     if dist.is_initialized():  # exit cleanly, not with an abort from gloo's threads
         dist.destroy_process_group()
     sys.exit(2)
-
-
-def load_model(name):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == tiny.TINY:
-        tok = tiny.make_tokenizer()
-        return tiny.base_model(tok), tok
-    if not os.path.isdir(name) and (os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/"))):
-        fail(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        fail(f"could not load model '{name}': {str(e).strip().splitlines()[0]}")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def load_data(cfg, tok):
@@ -345,15 +328,17 @@ def update(policy, opt, groups, cfg, gamma, pad_id):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     setup_distributed()
-    from eval import evaluate
+    from eval import evaluate, load_model, resolve_model
     from rollout import make_engine, resolve_engine
     from tqdm import tqdm
 
     start_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     torch.manual_seed(cfg.seed + rank), random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank)
     try:
-        model, tok = load_model(start_dir or cfg.model)
+        model, tok = load_model(resolve_model(start_dir or cfg.model), dtype=torch.float32)
         problems, teacher_ok, held, stats = load_data(cfg, tok)
     except DataError as e:
         fail(str(e))
