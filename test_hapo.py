@@ -1797,3 +1797,22 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
         assert p.shape == q.shape and not torch.equal(p, q), name  # full size, and trained
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     assert state["world"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+
+
+# ----------------------------------------------------------------------------
+# experiment.py: a smoke run of the Figure 2 script (4 methods, 1 seed, 2 steps)
+
+
+def test_experiment_script_smoke(tmp_path, capsys):
+    import experiment
+    out = str(tmp_path / "exp")
+    table = experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2", "--jobs", "2",
+                             "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "8",
+                             "--eval_problems", "4", "--rollout", "hf"])
+    assert set(table) == {"hapo", "grpo", "luffy", "srft"}
+    assert table["grpo"]["teacher_total"] == 0 and table["luffy"]["teacher_total"] == 4  # 2 groups x 2 steps
+    assert "| hapo |" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "summary.json")))["srft"]["seeds"] == 1
+    before = os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl"))
+    experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2"])  # finished: not rerun
+    assert os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl")) == before

@@ -47,7 +47,7 @@ class Config:
     batch_prompts: int = 16  # M prompts per rollout batch (global, over all ranks)
     mini_batches: int = 1  # optimizer steps per rollout batch (LUFFY: 2); >1 computes pi_old
     micro_batch: int = 64  # trajectories per forward/backward (gradient accumulation)
-    lr: float = 1e-3  # AdamW learning rate, constant (the 7B recipe: 1e-6)
+    lr: float = 2e-4  # AdamW learning rate, constant (the 7B recipe: 1e-6)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global grad norm
     clip_eps: float = 0.2  # PPO clip range of Eq. 3
