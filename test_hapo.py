@@ -920,7 +920,7 @@ def test_model_save_load_identical_logits(tmp_path):
 
 
 def test_task_disjoint_verified_deterministic():
-    train, evaluation = tiny.make_task(n_train=3000, n_eval=300, seed=0)
+    train, evaluation = tiny.make_task(n_train=3000, n_eval=300, seed=0, digits=2)
     assert len(train) == 3000 and len(evaluation) == 300
     pair = lambda p: tuple(map(int, p.prompt[-1]["content"].rstrip("=?").split("+")))
     train_pairs = {pair(p) for p in train}
@@ -933,10 +933,10 @@ def test_task_disjoint_verified_deterministic():
         assert 10 <= a <= 99 and 10 <= b <= 99
         assert p.answer == str(a + b) == _last_boxed(p.solution)
         assert p.solution.endswith("\\boxed{%s}" % p.answer) and len(p.solution) < 40
-    again = tiny.make_task(n_train=3000, n_eval=300, seed=0)
+    again = tiny.make_task(n_train=3000, n_eval=300, seed=0, digits=2)
     assert again == (train, evaluation)
-    assert tiny.make_task(n_train=3000, n_eval=300, seed=1)[1] != evaluation
-    assert tiny.make_task(n_train=10, n_eval=300, seed=0)[1] == evaluation  # eval fixed by seed
+    assert tiny.make_task(n_train=3000, n_eval=300, seed=1, digits=2)[1] != evaluation
+    assert tiny.make_task(n_train=10, n_eval=300, seed=0, digits=2)[1] == evaluation  # eval fixed by seed
 
 
 def test_task_format_and_variants():
@@ -1740,6 +1740,7 @@ for name, extra in SETTINGS.items():
 if train.master:
     json.dump(out, open(sys.argv[1], "w"))
 if train.world > 1:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 '''
 
@@ -1779,7 +1780,7 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     assert [r["step"] for r in mb] == [0, 1, 2, 3, 4]
     for r in ma[1:]:
         assert r["train/teacher_injected"] == 4  # a sum over ranks: the untrained model fails all 4 groups
-        assert r["train/gate_open_frac"] == 1.0 and r["train/loss"] > 0 and r["train/grad_norm"] > 0
+        assert r["train/gate_open_frac"] == 1.0 and math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0
     assert "eval/accuracy" in ma[0] and "eval/accuracy" in ma[3] and "eval/accuracy" in ma[4]
     for ra, rb in zip(ma, mb):  # b also evaluated at its stop (step 2): compare what both logged
         assert {k for k in ra if k.startswith("train/")} == {k for k in rb if k.startswith("train/")}

@@ -199,7 +199,7 @@ def set_rng_state(s):
 
 
 def save_checkpoint(cfg, model, tok, opt, step, cursor, keep=2):
-    """<out_dir>/step_XXXXXX: save_pretrained policy + tokenizer, and state.pt for exact resume.
+    """<out_dir>/step_NNNNNN: save_pretrained policy + tokenizer, and state.pt for exact resume.
 
     Written to a temporary directory and renamed, so a crash never leaves a half checkpoint; then
     <out_dir>/latest is replaced atomically. Under FSDP2 the full state is gathered to rank 0.
@@ -431,6 +431,7 @@ def main(argv=None):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(cfg, model, tok, opt, step + 1, cursor)
     if world > 1:
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
