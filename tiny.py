@@ -144,7 +144,7 @@ def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
 def base_model(tokenizer, seed=0):
     """make_model + pretrain, cached on disk ($HAPO_CACHE, default ~/.cache/hapo) after the first call.
 
-    The first call takes a few minutes on 2 CPU cores; $HAPO_PRETRAIN_STEPS overrides the length.
+    The first call takes several minutes on 2 CPU cores; $HAPO_PRETRAIN_STEPS overrides the length.
     """
     from transformers import AutoModelForCausalLM
     root = os.environ.get("HAPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hapo"))
