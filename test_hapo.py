@@ -31,12 +31,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("HAPO_PRETRAIN_STEPS", "40")
 
 
-def tiny_qwen2(vocab=40, seed=0, tie=True):
+def tiny_qwen2(vocab=40, seed=0, tie=True, init=0.02):
+    """A 2-layer Qwen2 for tests. init=0.2 puts logits far from uniform: greedy decoding has no near-ties."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie)
+                      tie_word_embeddings=tie, initializer_range=init)
     return Qwen2ForCausalLM(cfg).float()
 
 
@@ -1173,13 +1174,7 @@ _EOS, _PAD = 3, 0
 
 
 def _tiny_qwen2(tie=True, seed=0, vocab=50):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    # initializer_range 0.2: logits far from uniform, so greedy decoding has no near-ties
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie, initializer_range=0.2)
-    return Qwen2ForCausalLM(cfg).float()
+    return tiny_qwen2(vocab=vocab, seed=seed, tie=tie, init=0.2)
 
 
 def _tok(eos=_EOS, pad=_PAD):
