@@ -165,12 +165,8 @@ def fail(msg):
 def load_data(cfg, tok):
     """Train and held-out problems, tokenised; the teacher of each problem scored once (Eq. 4)."""
     train, stats = data.load_problems(cfg.data, "train")
-    if cfg.eval_data:
-        held, _ = data.load_problems(cfg.eval_data, "eval", need_solution=False)
-    elif cfg.data.startswith(tiny.BUILTIN):
-        held, _ = data.load_problems(cfg.data, "eval", need_solution=False)
-    else:
-        held = []
+    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith(tiny.BUILTIN) else "")
+    held = data.load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
     enc, enc_stats = data.encode(tok, train, cfg.max_prompt_tokens, cfg.max_solution_tokens)
     teacher_ok = [reward(e.solution, e.answer) for e in enc]
     stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok)}
@@ -179,11 +175,12 @@ def load_data(cfg, tok):
 
 def prompt_batch(n_problems, cursor, size, seed):
     """Indices of the next `size` problems: a fresh permutation each epoch, position = cursor."""
-    out = []
+    orders, out = {}, []  # one permutation per epoch the batch touches, not one per index
     for c in range(cursor, cursor + size):
         epoch, i = divmod(c, n_problems)
-        order = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(order[i]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(orders[epoch][i]))
     return out
 
 
