@@ -357,7 +357,7 @@ def main(argv=None):
             dist.barrier()
     # under FSDP2 every rank would have to run the same forwards: HF samples from a full copy
     sampler = copy.deepcopy(model).to(device) if world > 1 and kind == "hf" else model
-    engine = make_engine(kind, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory,
+    engine = make_engine(cfg.rollout, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory,
                          seed=cfg.seed, enable_sleep_mode=cfg.vllm_sleep, tensor_parallel_size=cfg.tensor_parallel)
     # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
     # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
