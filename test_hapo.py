@@ -940,6 +940,20 @@ def test_task_disjoint_verified_deterministic():
     assert tiny.make_task(n_train=10, n_eval=300, seed=0, digits=2)[1] == evaluation  # eval fixed by seed
 
 
+def test_task_never_asks_what_the_base_model_was_pretrained_on():
+    tok = tiny.make_tokenizer()
+    two, three = tiny.pretraining_corpus(tok)
+    seen = tiny.seen_three_digit_pairs()
+    assert len(two) == 100 * 100 and len(three) == len(seen) == 2000
+    assert all(100 <= a <= 999 and 100 <= b <= 999 for a, b in seen)
+    assert tok.decode(three[0][0]) == "%d+%d=?" % seen[0]  # the rows are those sums
+    pair = lambda p: tuple(map(int, p.prompt[-1]["content"].rstrip("=?").split("+")))
+    train, evaluation = tiny.make_task(n_train=4000, n_eval=200)
+    asked = {pair(p) for p in train + evaluation}
+    assert len(asked) == 4200
+    assert not asked & ({*seen} | {(b, a) for a, b in seen})
+
+
 def test_task_format_and_variants():
     assert tiny.solve(47, 38) == "7+8=15 15\n4+3+1=8 85\n\\boxed{85}"
     assert tiny.solve(67, 58) == "7+8=15 15\n6+5+1=12 125\n\\boxed{125}"

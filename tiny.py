@@ -3,11 +3,13 @@
 `python train.py` with no arguments trains on this, so the whole method can be run, tested and
 read on a laptop with no downloads. Everything is built in code and seeded.
 
-The base model (base_model) is the random Qwen2 after a minute of next-token training on worked
-sums of numbers below 100: like a real base model it has the format and the basic skills. The
-task is three-digit sums, where it writes two columns and stops: it scores 0, so plain GRPO sees
-all-zero groups (advantage collapse), while the teacher solutions injected by SSI show the third
-column. That is the sparse-reward setting of the paper, small enough for a CPU.
+The base model (base_model) is the random Qwen2 after some minutes of next-token training on
+worked sums: every sum of numbers below 100, and now and then (0.75% of rows) one of 2,000 fixed
+three-digit sums. Like a real base model it has the format and the basic skills, and it has seen
+the harder problems only in passing. The task is unseen three-digit sums: it gets about 1 in 200
+right, so most groups of 8 fail entirely and plain GRPO sees all-zero advantages, while the
+teacher solutions injected by SSI show the work. That is the sparse-reward setting of the paper,
+small enough for a CPU.
 
 Format (digits=2), one line per column, least significant first:
 
@@ -45,7 +47,8 @@ LAYERS = 4            # num_hidden_layers
 HEADS = 4             # num_attention_heads
 KV_HEADS = 2          # num_key_value_heads (grouped-query attention, as in Qwen2.5)
 INTERMEDIATE = 384    # MLP width (3x hidden)
-PRETRAIN_STEPS = 3000  # base_model(): steps of next-token training on sums below 100
+PRETRAIN_STEPS = 3000  # base_model(): steps of next-token training on worked sums
+PRETRAIN_THREE = 0.0075  # share of those sums that have three digits (the rest are below 100)
 MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutions are ~150
 # rope_theta keeps Qwen2Config's default (10000): the sequences are short.
 
@@ -101,32 +104,41 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return model.float()  # fp32 even if torch's default dtype was changed
 
 
+def seen_three_digit_pairs() -> list[tuple[int, int]]:
+    """The 2,000 three-digit sums the base model is pretrained on; make_task never uses them."""
+    rng = random.Random(12345)
+    return [(rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(2000)]
+
+
 def pretraining_corpus(tokenizer):
-    """(prompt ids, solution ids + EOS) of every sum of numbers below 100, worked column by column.
+    """Two lists of (prompt ids, solution ids + EOS): every sum of numbers below 100, and the few
+    three-digit sums of seen_three_digit_pairs(), each worked column by column."""
+    def rows(pairs):
+        return [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
+                for a, b in pairs]
+    return rows((a, b) for a in range(100) for b in range(100)), rows(seen_three_digit_pairs())
 
-    The skills a base model brings to the task: the format, digit sums, carries, copying digits from
-    the prompt. Never a three-digit number: that is the built-in task (digits=3).
+
+def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0, three=PRETRAIN_THREE):
+    """Give the random model what a base model brings to RL: column addition, mostly of two digits.
+
+    Plain next-token training on pretraining_corpus(), a share `three` of each batch drawn from the
+    three-digit sums, with 100 warm-up steps and a linear decay to 5% of lr. With the defaults the
+    base model adds numbers below 100 without fault but has seen a third column only in passing:
+    on the built-in task (unseen three-digit sums) it is right about 1 time in 200, so most groups
+    of 8 fail entirely, the paper's regime, while the skills the teacher builds on are in place.
+    (The pass rate is a steep function of `three`: 0 gives never, 0.05 nearly always.)
+    Deterministic given the seed.
     """
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    return [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
-            for a, b in pairs]
-
-
-def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
-    """Give the random model what a base model brings to RL: column addition up to two digits.
-
-    Plain next-token training on pretraining_corpus(). On the built-in task (three-digit sums) it
-    writes two columns and boxes a wrong answer: it has never seen a third. It scores 0 there, the
-    paper's regime of a base model that fails whole groups of hard prompts, while the skills the
-    teacher's solutions build on are in place. Deterministic given the seed.
-    """
-    rows = pretraining_corpus(tokenizer)
+    two, three_rows = pretraining_corpus(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
     rng = random.Random(seed)
     model.train()
     for _ in tqdm(range(steps), desc="pretraining the tiny base model (once; cached)", leave=False,
                   disable=os.environ.get("RANK", "0") != "0"):
-        pick = [rows[rng.randrange(len(rows))] for _ in range(batch)]
+        pick = [(three_rows if rng.random() < three else two) for _ in range(batch)]
+        pick = [rows[rng.randrange(len(rows))] for rows in pick]
         L = max(len(p) + len(r) for p, r in pick)
         ids = torch.full((batch, L), tokenizer.pad_token_id)  # [b, L]
         labels = torch.full((batch, L), -100)  # [b, L] loss on the solution tokens only
@@ -137,7 +149,9 @@ def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0):
                      labels=labels).loss
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
     return model
 
 
@@ -149,7 +163,7 @@ def base_model(tokenizer, seed=0):
     from transformers import AutoModelForCausalLM
     root = os.environ.get("HAPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hapo"))
     steps = int(os.environ.get("HAPO_PRETRAIN_STEPS", PRETRAIN_STEPS))  # the tests use fewer
-    path = os.path.join(root, f"tiny-base-L{LAYERS}-H{HIDDEN}-s{steps}-seed{seed}")
+    path = os.path.join(root, f"tiny-base-L{LAYERS}-H{HIDDEN}-s{steps}-t{PRETRAIN_THREE}-seed{seed}")
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
@@ -200,18 +214,21 @@ def make_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int
     """(train, eval) lists of addition problems with `digits`-digit operands.
 
     Eval is drawn first, so it depends only on (seed, n_eval, digits) and stays the same when
-    n_train changes. Train excludes every eval pair and its swap (b+a is the same problem to a
-    learner that has seen a+b). Deterministic given the seed.
+    n_train changes. Neither split holds a sum the base model was pretrained on, and train
+    excludes every eval pair and its swap (b+a is the same problem to a learner that has seen
+    a+b). Deterministic given the seed.
     """
     lo = 10 ** (digits - 1) if digits > 1 else 0
     span = 10**digits - lo                  # how many operands have exactly `digits` digits
     total = span * span
+    seen = {p for a, b in seen_three_digit_pairs() if digits == 3 for p in ((a, b), (b, a))}
     # random.sample over a range draws without building the list, so digits=6 is fine too.
     rng = random.Random(seed)
     pair = lambda i: (lo + i // span, lo + i % span)
-    eval_pairs = [pair(i) for i in rng.sample(range(total), min(total, n_eval))]
-    held_out = set(eval_pairs) | {(b, a) for a, b in eval_pairs}  # at most 2 * n_eval pairs
-    draws = rng.sample(range(total), min(total, n_train + 2 * n_eval))
+    eval_pairs = [pair(i) for i in rng.sample(range(total), min(total, n_eval + len(seen)))
+                  if pair(i) not in seen][:n_eval]
+    held_out = seen | set(eval_pairs) | {(b, a) for a, b in eval_pairs}
+    draws = rng.sample(range(total), min(total, n_train + len(held_out)))
     train_pairs = [pair(i) for i in draws if pair(i) not in held_out][:n_train]
     if len(eval_pairs) < n_eval or len(train_pairs) < n_train:
         raise ValueError(f"only {total} distinct {digits}-digit problems: n_train={n_train} and "
