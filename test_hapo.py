@@ -1828,3 +1828,16 @@ def test_experiment_script_smoke(tmp_path, capsys):
     before = os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl"))
     experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2"])  # finished: not rerun
     assert os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl")) == before
+
+
+def test_probe_script_smoke(capsys):
+    import probe
+    logliks = {}
+    for variant in ("full", "teacher_only"):
+        probe.main(["--steps", "2", "--every", "1", "--variant", variant])
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step")]
+        assert [int(l.split()[1]) for l in lines] == [0, 1, 2]
+        logliks[variant] = [float(l.split("teacher log-lik")[1].split()[0]) for l in lines]
+        assert all(x < 0 for x in logliks[variant])
+    assert logliks["full"][0] == logliks["teacher_only"][0]  # the same base model
+    assert logliks["full"][2] != logliks["teacher_only"][2]  # the failures' advantages moved the weights
