@@ -85,6 +85,7 @@ def summary(runs):
     table = {}
     for m, rs in runs.items():
         final = [curves(rows, "eval/accuracy")[1][-1] for rows in rs]
+        start = [curves(rows, "eval/accuracy")[1][0] for rows in rs]
         reach = []
         for rows in rs:
             steps, acc = curves(rows, "eval/accuracy")
@@ -92,19 +93,21 @@ def summary(runs):
             reach.append(hit[0] if hit else None)
         teacher = [sum(r.get("train/teacher_injected", 0) for r in rows) for rows in rs]
         zero_var = [statistics.mean(curves(rows, "train/zero_var_frac")[1]) for rows in rs]
-        table[m] = {"final_acc_mean": statistics.mean(final), "final_acc_std": statistics.pstdev(final),
+        table[m] = {"start_acc_mean": statistics.mean(start),
+                    "final_acc_mean": statistics.mean(final), "final_acc_std": statistics.pstdev(final),
                     "steps_to_half_best": reach, "teacher_total": statistics.mean(teacher),
                     "zero_var_frac": statistics.mean(zero_var), "seeds": len(rs)}
     return best, table
 
 
 def markdown(best, table):
-    lines = [f"| method | final held-out accuracy | steps to {best / 2:.2f} (half the best) | teacher samples | zero-variance groups |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [f"| method | held-out accuracy at step 0 | final held-out accuracy | steps to {best / 2:.3f} (half the best) "
+             "| teacher samples | zero-variance groups |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for m, t in table.items():
         reach = [r for r in t["steps_to_half_best"] if r is not None]
         reach_s = f"{statistics.mean(reach):.0f} ({len(reach)}/{t['seeds']} seeds)" if reach else f"never (0/{t['seeds']})"
-        lines.append(f"| {m} | {t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f} | {reach_s} | "
+        lines.append(f"| {m} | {t['start_acc_mean']:.3f} | {t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f} | {reach_s} | "
                      f"{t['teacher_total']:.0f} | {t['zero_var_frac']:.2f} |")
     return "\n".join(lines)
 

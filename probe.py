@@ -3,6 +3,7 @@
     python probe.py                       # full HAPO loss, 100 steps
     python probe.py --variant teacher_only  # the same steps with the on-policy advantages zeroed
     python probe.py --temperature 0.7     # rollouts at another temperature
+    python probe.py --group_size 16       # another N
 
 Each step is train.py's (rollout, reward, gate + SSI, advantages, Eq. 8 loss, AdamW) on the tiny
 base model, without checkpoints or evaluation by sampling. Every --every steps it prints the summed
@@ -45,6 +46,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -60,9 +62,10 @@ def main(argv=None):
     print(f"step    0 | teacher log-lik {teacher_loglik(model, held_rows):8.3f}", flush=True)
     for step in range(1, args.steps + 1):
         idx = [rng.randrange(len(rows)) for _ in range(16)]
-        outs = engine.generate([rows[i][0] for i in idx], 8, 64, args.temperature)
+        N = args.group_size
+        outs = engine.generate([rows[i][0] for i in idx], N, 64, args.temperature)
         texts = tok.batch_decode(outs, skip_special_tokens=True)
-        groups = [Group(rows[i][0], outs[8 * g:8 * g + 8], [reward(t, train[i].answer) for t in texts[8 * g:8 * g + 8]],
+        groups = [Group(rows[i][0], outs[N * g:N * g + N], [reward(t, train[i].answer) for t in texts[N * g:N * g + N]],
                         rows[i][1], 1.0) for g, i in enumerate(idx)]
         batch, m = build_batch(groups, "hapo", 0.8, tok.pad_token_id)
         if args.variant == "teacher_only":
