@@ -944,13 +944,13 @@ def test_task_never_asks_what_the_base_model_was_pretrained_on():
     tok = tiny.make_tokenizer()
     two, three = tiny.pretraining_corpus(tok)
     seen = tiny.seen_three_digit_pairs()
-    assert len(two) == 100 * 100 and len(three) == len(seen) == 2000
-    assert all(100 <= a <= 999 and 100 <= b <= 999 for a, b in seen)
+    assert len(two) == 100 * 100 and len(three) == len(seen) == 20000
+    assert all(100 <= a <= 999 and 100 <= b <= 999 and a + b < 1000 for a, b in seen)
     assert tok.decode(three[0][0]) == "%d+%d=?" % seen[0]  # the rows are those sums
     pair = lambda p: tuple(map(int, p.prompt[-1]["content"].rstrip("=?").split("+")))
     train, evaluation = tiny.make_task(n_train=4000, n_eval=200)
     asked = {pair(p) for p in train + evaluation}
-    assert len(asked) == 4200
+    assert len(asked) == 4200 and all(a + b >= 1000 for a, b in asked)  # a fourth digit, every time
     assert not asked & ({*seen} | {(b, a) for a, b in seen})
 
 

@@ -4,12 +4,12 @@
 read on a laptop with no downloads. Everything is built in code and seeded.
 
 The base model (base_model) is the random Qwen2 after some minutes of next-token training on
-worked sums: every sum of numbers below 100, and now and then (0.75% of rows) one of 2,000 fixed
-three-digit sums. Like a real base model it has the format and the basic skills, and it has seen
-the harder problems only in passing. The task is unseen three-digit sums: it gets about 1 in 200
-right, so most groups of 8 fail entirely and plain GRPO sees all-zero advantages, while the
-teacher solutions injected by SSI show the work. That is the sparse-reward setting of the paper,
-small enough for a CPU.
+worked sums: every sum of numbers below 100, and (10% of rows) 20,000 three-digit sums whose
+total stays below 1000. Like a real base model it has the format and the skills: it adds such
+sums without fault. The task is three-digit sums whose total reaches 1000 or more, which need
+one step it has never taken: a carry into a fourth column. It gets none of them right, so every
+group of 8 fails and plain GRPO sees all-zero advantages, while the teacher solutions injected by
+SSI show the missing step. That is the sparse-reward setting of the paper, small enough for a CPU.
 
 Format (digits=2), one line per column, least significant first:
 
@@ -48,7 +48,7 @@ HEADS = 4             # num_attention_heads
 KV_HEADS = 2          # num_key_value_heads (grouped-query attention, as in Qwen2.5)
 INTERMEDIATE = 384    # MLP width (3x hidden)
 PRETRAIN_STEPS = 3000  # base_model(): steps of next-token training on worked sums
-PRETRAIN_THREE = 0.0075  # share of those sums that have three digits (the rest are below 100)
+PRETRAIN_THREE = 0.1  # share of those sums that have three digits (and a total below 1000)
 MAX_POSITIONS = 512   # longest prompt + completion; the verbose 3-digit solutions are ~150
 # rope_theta keeps Qwen2Config's default (10000): the sequences are short.
 
@@ -105,13 +105,17 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
 
 
 def seen_three_digit_pairs() -> list[tuple[int, int]]:
-    """The 2,000 three-digit sums the base model is pretrained on; make_task never uses them."""
-    rng = random.Random(12345)
-    return [(rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(2000)]
+    """The 20,000 three-digit sums the base model is pretrained on, all below 1000 (no fourth digit)."""
+    rng, pairs = random.Random(12345), []
+    while len(pairs) < 20000:
+        a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
+        if a + b < 1000:
+            pairs.append((a, b))
+    return pairs
 
 
 def pretraining_corpus(tokenizer):
-    """Two lists of (prompt ids, solution ids + EOS): every sum of numbers below 100, and the few
+    """Two lists of (prompt ids, solution ids + EOS): every sum of numbers below 100, and the
     three-digit sums of seen_three_digit_pairs(), each worked column by column."""
     def rows(pairs):
         return [(tokenizer(f"{a}+{b}=?").input_ids, tokenizer(solve(a, b)).input_ids + [tokenizer.eos_token_id])
@@ -120,15 +124,13 @@ def pretraining_corpus(tokenizer):
 
 
 def pretrain(model, tokenizer, steps=PRETRAIN_STEPS, batch=64, lr=3e-3, seed=0, three=PRETRAIN_THREE):
-    """Give the random model what a base model brings to RL: column addition, mostly of two digits.
+    """Give the random model what a base model brings to RL: column addition without a fourth column.
 
     Plain next-token training on pretraining_corpus(), a share `three` of each batch drawn from the
-    three-digit sums, with 100 warm-up steps and a linear decay to 5% of lr. With the defaults the
-    base model adds numbers below 100 without fault but has seen a third column only in passing:
-    on the built-in task (unseen three-digit sums) it is right about 1 time in 200, so most groups
-    of 8 fail entirely, the paper's regime, while the skills the teacher builds on are in place.
-    (The pass rate is a steep function of `three`: 0 gives never, 0.05 nearly always.)
-    Deterministic given the seed.
+    three-digit sums (all below 1000), with 100 warm-up steps and a linear decay to 5% of lr. With
+    the defaults the base model adds numbers below 100, and three-digit numbers whose total stays
+    below 1000, without fault (99.9% at temperature 1), and never gets a total of 1000 or more:
+    the built-in task. Deterministic given the seed.
     """
     two, three_rows = pretraining_corpus(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -211,27 +213,36 @@ def make_problem(a: int, b: int, teacher: str = "standard") -> Problem:
 
 def make_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3,
               teacher: str = "standard") -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) lists of addition problems with `digits`-digit operands.
+    """(train, eval) lists of sums of two `digits`-digit numbers whose total has one digit more.
 
-    Eval is drawn first, so it depends only on (seed, n_eval, digits) and stays the same when
-    n_train changes. Neither split holds a sum the base model was pretrained on, and train
-    excludes every eval pair and its swap (b+a is the same problem to a learner that has seen
-    a+b). Deterministic given the seed.
+    With digits=3 (the built-in task) that is a+b >= 1000: the base model has added three-digit
+    numbers only when the total stayed below 1000, so these ask for the one step it has never
+    taken, carrying into a fourth column. Eval is drawn first, so it depends only on (seed,
+    n_eval, digits) and stays the same when n_train changes. Neither split holds a sum the base
+    model was pretrained on, and train excludes every eval pair and its swap (b+a is the same
+    problem to a learner that has seen a+b). Deterministic given the seed.
     """
     lo = 10 ** (digits - 1) if digits > 1 else 0
     span = 10**digits - lo                  # how many operands have exactly `digits` digits
     total = span * span
     seen = {p for a, b in seen_three_digit_pairs() if digits == 3 for p in ((a, b), (b, a))}
-    # random.sample over a range draws without building the list, so digits=6 is fine too.
-    rng = random.Random(seed)
-    pair = lambda i: (lo + i // span, lo + i % span)
-    eval_pairs = [pair(i) for i in rng.sample(range(total), min(total, n_eval + len(seen)))
-                  if pair(i) not in seen][:n_eval]
-    held_out = seen | set(eval_pairs) | {(b, a) for a, b in eval_pairs}
-    draws = rng.sample(range(total), min(total, n_train + len(held_out)))
-    train_pairs = [pair(i) for i in draws if pair(i) not in held_out][:n_train]
-    if len(eval_pairs) < n_eval or len(train_pairs) < n_train:
-        raise ValueError(f"only {total} distinct {digits}-digit problems: n_train={n_train} and "
-                         f"n_eval={n_eval} (held out with their swaps) are too many")
+    rng, tried = random.Random(seed), set()
+
+    def draw(n, excluded):  # n new pairs with a carry out of the top column, by rejection
+        out = []
+        while len(out) < n and len(tried) < total:
+            i = rng.randrange(total)  # indices, not pairs: digits=6 is fine too
+            if i not in tried:
+                tried.add(i)
+                a, b = lo + i // span, lo + i % span
+                if a + b >= 10**digits and (a, b) not in excluded:
+                    out.append((a, b))
+        if len(out) < n:
+            raise ValueError(f"too few {digits}-digit sums with {digits + 1}-digit totals for "
+                             f"n_train={n_train} and n_eval={n_eval} (held out with their swaps)")
+        return out
+
+    eval_pairs = draw(n_eval, seen)
+    train_pairs = draw(n_train, seen | {(b, a) for a, b in eval_pairs})
     return ([make_problem(a, b, teacher) for a, b in train_pairs],
             [make_problem(a, b, teacher) for a, b in eval_pairs])

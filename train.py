@@ -47,7 +47,7 @@ class Config:
     batch_prompts: int = 16  # M prompts per rollout batch (global, over all ranks)
     mini_batches: int = 1  # optimizer steps per rollout batch (LUFFY: 2); >1 computes pi_old
     micro_batch: int = 64  # trajectories per forward/backward (gradient accumulation)
-    lr: float = 2e-4  # AdamW learning rate, constant (the 7B recipe: 1e-6)
+    lr: float = 5e-4  # AdamW learning rate, constant (the tiny model; the 7B recipe: 1e-6)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global grad norm
     clip_eps: float = 0.2  # PPO clip range of Eq. 3
@@ -57,9 +57,9 @@ class Config:
     max_solution_tokens: int = 8192  # longer teacher solutions are dropped (counted)
     temperature: float = 1.0  # rollout temperature
     eval_temperature: float = 0.6  # held-out evaluation temperature (paper: 0.6)
-    eval_every: int = 25  # evaluate every this many steps (and before the first, and at the end)
+    eval_every: int = 20  # evaluate every this many steps (and before the first, and at the end)
     eval_problems: int = 200  # held-out problems per evaluation (0: all)
-    max_steps: int = 250  # optimizer steps... of rollout batches
+    max_steps: int = 200  # rollout batches, one optimizer step each (more with --mini_batches)
     out_dir: str = "out"  # metrics.jsonl and checkpoints go here
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     seed: int = 0  # everything random derives from it (per rank: seed + rank)
