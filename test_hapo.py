@@ -848,9 +848,9 @@ def test_many_threads_at_once():
 
 
 def test_worker_is_cleaned_up_at_exit_and_fork_safe():
-    script = ("import multiprocessing as mp, reward\n"
+    script = ("import multiprocessing as mp, reward, symbolic\n"
               "assert reward.reward('\\\\boxed{\\\\sqrt{8}}', '2\\\\sqrt{2}') == 1.0\n"
-              "print(*[w.proc.pid for w in reward._live])\n"
+              "print(*[w.proc.pid for w in symbolic._live])\n"
               "ctx = mp.get_context('fork'); q = ctx.Queue()\n"  # a forked child gets workers of its own
               "p = ctx.Process(target=lambda: q.put(reward.reward('\\\\boxed{(x+1)^2}', 'x^2+2x+1'))); p.start()\n"
               "assert q.get(timeout=60) == 1.0; p.join()\n")
