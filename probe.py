@@ -20,23 +20,18 @@ import torch
 
 import data
 import tiny
-from hapo import Group, batch_loss, build_batch
+from hapo import Group, batch_loss, build_batch, pack
+from loss import sequence_logprobs
 from reward import reward
 from rollout import HFEngine
 
 
-def teacher_loglik(model, rows):
+def teacher_loglik(model, rows, pad_id):
     """Summed log p(solution | prompt) under `model`, averaged over rows of (prompt ids, solution ids)."""
-    L = max(len(p) + len(s) for p, s in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # [B, L]
-    mask = torch.zeros(len(rows), L - 1)  # [B, L-1] positions that predict a solution token
-    for i, (p, s) in enumerate(rows):
-        ids[i, :len(p) + len(s)] = torch.tensor(p + s)
-        mask[i, len(p) - 1:len(p) + len(s) - 1] = 1
+    batch = pack([[(p, s, True, 0.0) for p, s in rows]], pad_id)  # loss_mask: the solution tokens
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)  # [B, L-1, V]
-        logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, L-1]
-    return ((logp * mask).sum() / len(rows)).item()
+        logp = sequence_logprobs(model, batch.input_ids, batch.attention_mask)  # [B, L-1]
+    return ((logp * batch.loss_mask).sum() / len(rows)).item()
 
 
 def main(argv=None):
@@ -55,11 +50,11 @@ def main(argv=None):
     model = tiny.base_model(tok)
     train, _ = data.load_problems(tiny.BUILTIN, "train")
     held, _ = data.load_problems(tiny.BUILTIN, "eval")
-    encode = lambda q: (tok(q.prompt[-1]["content"]).input_ids, tok(q.solution).input_ids + [tok.eos_token_id])
-    rows, held_rows = [encode(q) for q in train], [encode(q) for q in held[:40]]
+    rows = [(e.prompt_ids, e.solution_ids) for e in data.encode(tok, train, None, None)[0]]
+    held_rows = [(e.prompt_ids, e.solution_ids) for e in data.encode(tok, held[:40], None, None)[0]]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     engine = HFEngine(model, tok)
-    print(f"step    0 | teacher log-lik {teacher_loglik(model, held_rows):8.3f}", flush=True)
+    print(f"step    0 | teacher log-lik {teacher_loglik(model, held_rows, tok.pad_token_id):8.3f}", flush=True)
     for step in range(1, args.steps + 1):
         idx = [rng.randrange(len(rows)) for _ in range(16)]
         N = args.group_size
@@ -77,7 +72,7 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.every == 0:
-            print(f"step {step:4d} | teacher log-lik {teacher_loglik(model, held_rows):8.3f} | "
+            print(f"step {step:4d} | teacher log-lik {teacher_loglik(model, held_rows, tok.pad_token_id):8.3f} | "
                   f"reward {m['train/reward']:.3f} | grad norm {grad_norm:.3f}", flush=True)
 
 
