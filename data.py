@@ -2,7 +2,7 @@
 
 `load_problems(spec)` reads one of:
   - `builtin`, or `builtin:OPTS` with comma-separated OPTS among `verbose`, `digits=N`,
-    `n_train=N`, `n_eval=N`, `seed=N` (the addition task of tiny.py; split "train" or "eval");
+    `n_train=N`, `n_eval=N`, `seed=N` (the addition task of task.py; split "train" or "eval");
   - a `.jsonl` or `.parquet` file;
   - a hub data set id `owner/name` (needs the `datasets` package).
 
@@ -26,6 +26,8 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+
+import task
 
 
 class DataError(Exception):
@@ -209,22 +211,23 @@ def _hub_rows(name: str, split: str):
     yield from enumerate(ds, 1)
 
 
+def builtin_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3,
+                 teacher: str = "standard") -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) Problems of the built-in addition task (task.py); deterministic given the seed."""
+    def problem(a, b):
+        return Problem(prompt=[{"role": "user", "content": task.question(a, b)}], answer=str(a + b),
+                       solution=task.solve(a, b, teacher), source=task.BUILTIN)
+    if teacher not in task.TEACHERS:
+        raise ValueError(f"teacher must be one of {task.TEACHERS}, got {teacher!r}")
+    train, evaluation = task.make_pairs(n_train, n_eval, seed, digits)
+    return [problem(a, b) for a, b in train], [problem(a, b) for a, b in evaluation]
+
+
 def _builtin(spec: str, split: str) -> tuple[list[Problem], dict]:
-    import tiny  # here, not at the top: tiny imports Problem from this module
-    kwargs = {}
-    for opt in filter(None, spec.partition(":")[2].split(",")):
-        key, _, value = opt.partition("=")
-        if key == "verbose" and not value:
-            kwargs["teacher"] = "verbose"
-        elif key in ("digits", "n_train", "n_eval", "seed") and value.isdigit():
-            kwargs[key] = int(value)
-        else:
-            raise DataError(f"unknown option '{opt}' in '{spec}': use verbose, digits=N, "
-                            "n_train=N, n_eval=N, seed=N")
     if split not in ("train", "eval"):
         raise DataError(f"the built-in task has splits 'train' and 'eval', not '{split}'")
     try:
-        train, evaluation = tiny.make_task(**kwargs)
+        train, evaluation = builtin_task(**task.parse_spec(spec))
     except ValueError as e:
         raise DataError(f"{spec}: {e}") from None
     problems = train if split == "train" else evaluation
@@ -236,7 +239,7 @@ def _builtin(spec: str, split: str) -> tuple[list[Problem], dict]:
 def load_problems(spec: str, split: str = "train", need_solution: bool = True
                   ) -> tuple[list[Problem], dict]:
     """Problems and stats from `spec` (see the module docstring). Raises DataError."""
-    if spec == "builtin" or spec.startswith("builtin:"):  # tiny.BUILTIN
+    if spec == task.BUILTIN or spec.startswith(task.BUILTIN + ":"):
         return _builtin(spec, split)
     ext = os.path.splitext(spec)[1].lower()
     if os.path.isfile(spec):
@@ -260,7 +263,7 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The exact text the policy is conditioned on.
 
     With a chat template (the Qwen models) it is applied with the generation prompt; without one
-    (tiny.make_tokenizer) the contents are joined by newlines, in order: system, then user.
+    (the tiny model's tokenizer) the contents are joined by newlines, in order: system, then user.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

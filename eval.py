@@ -13,108 +13,19 @@ problems (AIME, AMC) and 1 otherwise, unless --k says otherwise.
 Writes DIR/samples.jsonl (one line per sample, appended as each batch of problems finishes) and
 DIR/summary.json, and prints a markdown table. Rerunning the same command resumes: problems whose
 k samples are already in samples.jsonl are not generated again and count in the summary.
-train.py calls `evaluate` for its in-loop evaluation, so both report the same numbers.
+train.py calls the same `evaluation.evaluate` for its in-loop evaluation, so both report the same numbers.
 """
 
 import argparse
-import dataclasses
 import json
 import os
-import re
 import sys
 
 import torch
 
-import data
-import tiny
 from data import DataError
-from reward import extract_boxed, reward
-
-# ----------------------------------------------------------------------------
-# metrics: pure functions of the 0/1 rewards, one list per problem
-
-
-def avg_at_k(rewards: list[list[float]]) -> float:
-    """avg@k: the mean reward over every sample of every problem (the paper's AIME column)."""
-    flat = [r for per_problem in rewards for r in per_problem]
-    return sum(flat) / len(flat) if flat else 0.0
-
-
-def pass_at_1(rewards: list[list[float]]) -> float:
-    """pass@1: the mean over problems of the fraction of correct samples, c_i / k_i.
-
-    With k samples per problem this is the unbiased pass@1 estimator (Chen et al., 2021: pass@k
-    = E[1 - C(k-c, m) / C(k, m)] with m = 1 is c / k), and it equals avg@k; with k = 1 it is
-    plain accuracy. Both names are kept because the paper reports each column under its own.
-    """
-    rewards = [r for r in rewards if r]
-    return sum(sum(r) / len(r) for r in rewards) / len(rewards) if rewards else 0.0
-
-
-def default_k(n_problems: int) -> int:
-    """The paper's protocol: avg@32 for AIME-sized sets (under 100 problems), else one sample."""
-    return 32 if n_problems < 100 else 1
-
-
-# ----------------------------------------------------------------------------
-# the evaluation itself (train.py calls this too)
-
-
-def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8192, top_p=1.0,
-             seed=0, batch_prompts=64, on_sample=None, progress=False) -> dict:
-    """Sample k completions per problem, score each with reward.reward (Eq. 4), and summarise.
-
-    Returns {"accuracy", "avg_at_k", "pass_at_1", "n_problems", "k", "samples"}; accuracy is the
-    mean reward over all samples (= avg_at_k). `samples` holds one record per completion:
-    benchmark (the problem's source), problem_id (index into `problems`), sample, answer,
-    extracted (the last \\boxed{} content or None), reward, n_tokens, completion.
-    `on_sample(records)` is called once per problem, with its k records, as each batch of
-    `batch_prompts` problems finishes (eval.py appends them to samples.jsonl).
-
-    Sampling runs on a forked torch RNG seeded with `seed`, so the caller's random streams are
-    exactly as before: a training run that evaluates draws the same rollouts afterwards as one
-    that does not, which exact resume relies on.
-    """
-    from tqdm import tqdm
-    # add_special_tokens=False: a chat template writes its special tokens as text; no stray BOS.
-    prompt_ids = [tokenizer(data.render_prompt(tokenizer, p.prompt), add_special_tokens=False)
-                  ["input_ids"] for p in problems]
-    records = []
-    bar = tqdm(total=len(problems), unit="problem", disable=not progress or not problems,
-               desc=(problems[0].source if problems else "") or "eval", dynamic_ncols=True)
-    # manual_seed reseeds every GPU, so every GPU's state is saved and restored, not just this one's
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(seed)
-        for start in range(0, len(problems), batch_prompts):
-            chunk = range(start, min(start + batch_prompts, len(problems)))
-            completions = engine.generate([prompt_ids[i] for i in chunk], k, max_new_tokens,
-                                          temperature, top_p)  # len(chunk) * k, grouped by prompt
-            texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-            for c, i in enumerate(chunk):
-                group = [{"benchmark": problems[i].source, "problem_id": i, "sample": j,
-                          "answer": problems[i].answer, "extracted": extract_boxed(texts[c * k + j]),
-                          "reward": reward(texts[c * k + j], problems[i].answer),
-                          "n_tokens": len(completions[c * k + j]), "completion": texts[c * k + j]}
-                         for j in range(k)]
-                records += group
-                if on_sample is not None:
-                    on_sample(group)
-            bar.update(len(chunk))
-            bar.set_postfix(acc=f"{avg_at_k([[r['reward'] for r in records]]):.3f}")
-    bar.close()
-    return {**summarize(records), "samples": records}
-
-
-def summarize(records: list[dict]) -> dict:
-    """accuracy, avg_at_k, pass_at_1, n_problems and k from per-sample records of one benchmark."""
-    by_problem = {}
-    for r in records:
-        by_problem.setdefault(r["problem_id"], []).append(r["reward"])
-    rewards = list(by_problem.values())
-    acc = avg_at_k(rewards)
-    return {"accuracy": acc, "avg_at_k": acc, "pass_at_1": pass_at_1(rewards),
-            "n_problems": len(rewards), "k": max((len(r) for r in rewards), default=0)}
-
+from evaluation import default_k, evaluate, load_benchmarks, summarize
+from models import load_model, resolve_model
 
 # ----------------------------------------------------------------------------
 # the command line: benchmarks, model, resume, output
@@ -124,60 +35,6 @@ def fail(msg):
     """A user error: one line on stderr and exit code 2, never a traceback."""
     print(f"eval.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-def load_benchmarks(paths: list[str]) -> dict[str, list[data.Problem]]:
-    """{benchmark name: problems in file order}, a name per data_source, else the file's stem."""
-    out, origin = {}, {}
-    for path in paths:
-        split = "eval" if path.startswith(tiny.BUILTIN) else "test"  # files ignore the split
-        problems, stats = data.load_problems(path, split, need_solution=False)
-        skipped = {k: v for k, v in stats.items() if k.startswith("skipped") and v}
-        if skipped:  # they would silently shrink the benchmark, so say so
-            print(f"eval.py: warning: {path}: rows left out: {skipped}", file=sys.stderr)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        for p in problems:
-            name = p.source or stem
-            if origin.setdefault(name, path) != path:
-                raise DataError(f"benchmark '{name}' is in both {origin[name]} and {path}; "
-                                "rename one of the files")
-            out.setdefault(name, []).append(dataclasses.replace(p, source=name))
-    return out
-
-
-def resolve_model(name: str) -> str:
-    """The directory (or hub id) to load; a training out_dir means its latest checkpoint.
-    Raises DataError (one line) for a path that does not exist and is not a hub id either."""
-    if name == tiny.TINY:
-        return name
-    if os.path.isfile(os.path.join(name, "latest")) and not os.path.exists(os.path.join(name, "config.json")):
-        return os.path.join(name, open(os.path.join(name, "latest")).read().strip())
-    if os.path.isdir(name):
-        return name
-    if os.path.exists(name):
-        raise DataError(f"model path '{name}' is not a directory")
-    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):  # not `owner/name` either
-        raise DataError(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
-    return name
-
-
-def load_model(name: str, need_weights: bool = True, dtype=None):
-    """(model or None, tokenizer) from resolve_model's answer; `tiny` is the built-in base model.
-    Weights are skipped when vLLM loads its own. Shared by train.py; raises DataError (one line)."""
-    if name == tiny.TINY:
-        tok = tiny.make_tokenizer()
-        return tiny.base_model(tok), tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if need_weights else None
-    except (OSError, ValueError) as err:
-        where = "" if os.path.isdir(name) else " (not a local directory, so tried as a hub id)"
-        raise DataError(f"could not load model '{name}'{where}: {str(err).strip().splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def read_samples(path: str) -> dict[tuple, dict]:
@@ -246,15 +103,12 @@ def main(argv=None):
         use_vllm = resolve_engine(args.rollout)[0] == "vllm"
         model_path = resolve_model(args.model)
         benchmarks = load_benchmarks(args.benchmarks)
-        model, tok = load_model(model_path, need_weights=not use_vllm or model_path == tiny.TINY)
+        model, tok = load_model(model_path, need_weights=not use_vllm)
     except (DataError, ImportError) as err:
         fail(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
-    check_settings(args.out_dir, {"model": model_path, "temperature": args.temperature,
+    check_settings(args.out_dir, {"model": args.model if args.model == "tiny" else model_path, "temperature": args.temperature,
                                   "top_p": args.top_p, "max_new_tokens": args.max_new_tokens})
-    if model_path == tiny.TINY and use_vllm:  # vLLM loads from disk
-        model_path = os.path.join(args.out_dir, "tiny_init")
-        model.save_pretrained(model_path), tok.save_pretrained(model_path)
     if model is not None and torch.cuda.is_available() and not use_vllm:
         model.to("cuda")
     try:

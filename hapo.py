@@ -1,6 +1,14 @@
-"""One HAPO step: groups of rollouts -> gate and SSI -> advantages -> packed tensors -> loss.
+"""One HAPO step on a batch of groups: gate -> SSI -> advantages -> packed tensors -> loss.
 
-The baselines of the paper are the same step with another gate and teacher loss (SPEC.md's table):
+train.py calls these in Figure 1's order; each is a pure function of its arguments:
+
+    opened, conf = gate_groups(groups, method, gamma)   # stage 3: Eqs. 5-6, Algorithm 1
+    trained = inject(groups, opened)                    # stage 4: SSI, Eq. 7
+    adv = advantages(trained)                           # stage 5: Eq. 2, on the groups after SSI
+    batch = pack(trained, adv, pad_id)                  # the trajectories as tensors
+    loss = batch_loss(model, batch, method, num_tokens) # stage 6: Eqs. 8-9 (update.py runs it)
+
+The baselines of the paper are the same step with another gate and teacher loss:
 
     method  gate                          teacher loss
     grpo    never inject                  -
@@ -9,6 +17,7 @@ The baselines of the paper are the same step with another gate and teacher loss 
     hapo    inject when c_i < gamma(t)    shaped, -A p/(p+0.1)
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +35,13 @@ METHODS = {  # method -> (when to inject, teacher loss)
 
 @dataclass
 class Group:
-    """One prompt and its N sampled completions (token ids) with their 0/1 rewards (Eq. 4)."""
+    """One prompt and its N completions (token ids) with their 0/1 rewards (Eq. 4)."""
     prompt_ids: list
     responses: list
     rewards: list
     teacher_ids: list = None  # the verified teacher trajectory tau_*, EOS included
     teacher_reward: float = 0.0  # the teacher scored by the same reward function
+    teacher_at: int = None  # after SSI: the index of the injected teacher in responses, else None
 
 
 @dataclass
@@ -51,8 +61,13 @@ class Batch:
         return int(self.loss_mask.sum())
 
     def slice(self, i, j):
-        pick = lambda x: None if x is None else x[i:j]
-        return Batch(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+        return Batch(*(None if x is None else x[i:j] for x in self._fields()))
+
+    def to(self, device):
+        return Batch(*(None if x is None else x.to(device) for x in self._fields()))
+
+    def _fields(self):
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
 
 def check_method(method):
@@ -62,15 +77,11 @@ def check_method(method):
 
 
 # ----------------------------------------------------------------------------
-# gate -> SSI -> advantages
+# stages 3-5: gate -> SSI -> advantages
 
 
-def inject(groups, method, gamma):
-    """Algorithm 1 with the method's gate, then SSI (Eq. 7) on the groups it opens for.
-
-    Returns (trajectories, metrics): trajectories is a list over groups of N (prompt, response,
-    is_teacher, advantage) tuples, advantages by Eq. 2 on each group *after* injection.
-    """
+def gate_groups(groups, method, gamma):
+    """Algorithm 1 with the method's gate: (open [M] bool, confidence [M]) from the sampled rewards."""
     when, _ = check_method(method)
     n = len(groups[0].rewards)
     if any(len(g.rewards) != n or len(g.responses) != n for g in groups):
@@ -78,37 +89,48 @@ def inject(groups, method, gamma):
     opened, conf = gate([g.rewards for g in groups], gamma)  # [M], [M]
     if when != "gated":
         opened = torch.full_like(opened, when == "always")
-    out_rewards, flags, injected, teacher_failed = [], [], 0, 0
+    return opened, conf
+
+
+def inject(groups, opened):
+    """SSI (Eq. 7) on every opened group: its worst rollout becomes the teacher trajectory, unless the
+    teacher is missing or failed its own verification (then the group stays as sampled)."""
+    out = []
     for g, is_open in zip(groups, opened.tolist()):
         responses, rewards, j = g.responses, g.rewards, None
         if is_open:
             responses, rewards, j = ssi(g.responses, g.rewards, g.teacher_ids, g.teacher_reward)
-            teacher_failed += j is None
-            injected += j is not None
-        out_rewards.append(rewards)
-        flags.append([(responses[k], k == j) for k in range(n)])
-    rewards = torch.tensor(out_rewards, dtype=torch.float32)  # [M, N], after SSI
-    adv = group_advantages(rewards)  # [M, N]
-    trajs = [[(g.prompt_ids, resp, is_t, float(adv[i, k])) for k, (resp, is_t) in enumerate(row)]
-             for i, (g, row) in enumerate(zip(groups, flags))]
-    sampled = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [M, N], before SSI
-    lengths = [len(r) for g in groups for r in g.responses]
-    metrics = {  # reward and length are over the policy's own samples: teacher excluded (Fig. 2)
-        "train/reward": sampled.mean().item(),
-        "train/response_len": sum(lengths) / len(lengths),
-        "train/teacher_injected": injected,
-        "train/teacher_failed": teacher_failed,
-        "train/gate_open_frac": opened.float().mean().item(),
-        "train/confidence": conf.mean().item(),
-        "train/all_fail_frac": (sampled.max(dim=1).values < 0.5).float().mean().item(),
-        "train/zero_var_frac": (rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean().item(),
-    }
-    return trajs, metrics
+        out.append(dataclasses.replace(g, responses=responses, rewards=rewards, teacher_at=j))
+    return out
 
 
-def pack(trajs, pad_id):
-    """Flatten the groups' trajectories into right-padded tensors (a Batch)."""
-    rows = [t for group in trajs for t in group]
+def advantages(groups):
+    """Eq. 2 on each group as trained (after SSI): [M, N]."""
+    return group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))  # [M, N]
+
+
+def metrics(sampled, trained, opened, conf):
+    """A step's metrics as (sums, means): counts add up over ranks, fractions and means average.
+    Reward and length are over the policy's own samples, teacher excluded (the paper's Figure 2)."""
+    rewards = torch.tensor([g.rewards for g in sampled], dtype=torch.float32)  # [M, N], before SSI
+    after = torch.tensor([g.rewards for g in trained], dtype=torch.float32)  # [M, N], after SSI
+    lengths = [len(r) for g in sampled for r in g.responses]
+    injected = sum(g.teacher_at is not None for g in trained)
+    sums = {"train/teacher_injected": injected,
+            "train/teacher_failed": int(opened.sum()) - injected}
+    means = {"train/reward": rewards.mean().item(),
+             "train/response_len": sum(lengths) / len(lengths),
+             "train/gate_open_frac": opened.float().mean().item(),
+             "train/confidence": conf.mean().item(),
+             "train/all_fail_frac": (rewards.max(dim=1).values < 0.5).float().mean().item(),
+             "train/zero_var_frac": (after.max(dim=1).values == after.min(dim=1).values).float().mean().item()}
+    return sums, means
+
+
+def pack(groups, adv, pad_id):
+    """Flatten the groups' trajectories into right-padded tensors (a Batch); adv is [M, N]."""
+    rows = [(g.prompt_ids, r, k == g.teacher_at, float(adv[i, k]))
+            for i, g in enumerate(groups) for k, r in enumerate(g.responses)]
     L = max(len(p) + len(r) for p, r, _, _ in rows)
     B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # [B, L]
@@ -124,14 +146,8 @@ def pack(trajs, pad_id):
     return Batch(input_ids, attention_mask, loss_mask, advantages, teacher)
 
 
-def build_batch(groups, method, gamma, pad_id):
-    """Groups -> (Batch, metrics): the data side of one HAPO step."""
-    trajs, metrics = inject(groups, method, gamma)
-    return pack(trajs, pad_id), metrics
-
-
 # ----------------------------------------------------------------------------
-# the loss of one (micro-)batch
+# stage 6: the loss of one (micro-)batch
 
 
 def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1, chunk_size=1024):

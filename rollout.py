@@ -211,7 +211,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool = False,
-                 tensor_parallel_size: int = 1, **llm_kwargs):
+                 tensor_parallel_size: int = 1, rank: int = 0, world_size: int = 1, **llm_kwargs):
         # Set before importing vllm: some versions read it at import time.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import vllm  # lazy: vLLM is optional and heavy
@@ -220,9 +220,9 @@ class VLLMEngine:
         self.eos_id = tokenizer.eos_token_id
         self.sleep_mode = enable_sleep_mode
         self.asleep: set[str] = set()  # which of "weights", "kv_cache" are released
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world_size > 1:  # under torchrun: one engine per rank, in the rank's own process
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-            seed += int(os.environ.get("RANK", "0")) // tensor_parallel_size
+            seed += rank // tensor_parallel_size
         self.llm = vllm.LLM(
             model=model_path,
             dtype=dtype,
@@ -328,9 +328,7 @@ def resolve_engine(kind: str) -> tuple[str, str]:
 def make_engine(kind: str, model, tokenizer, model_path: str, max_batch: int | None = None, **vllm_kwargs):
     """The engine resolve_engine(kind) names. `model` and `max_batch` are used by the HF engine only,
     `vllm_kwargs` by VLLMEngine."""
-    kind, why = resolve_engine(kind)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"rollout engine: {kind} ({why})")
+    kind, _ = resolve_engine(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, max_batch=max_batch)
     return VLLMEngine(model_path, tokenizer, **vllm_kwargs)

@@ -12,34 +12,36 @@ Each step: rollout -> reward -> confidence and gate -> SSI -> advantages -> loss
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
-import math
 import os
 import random
-import shutil
+import re
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+import checkpoint
 import data
+import hapo
+import parallel
+import task
 import tiny
+import update
 from data import DataError
 from gate import SCHEDULES, threshold
-from hapo import METHODS, Group, batch_loss, build_batch
-from loss import sequence_logprobs
 from reward import reward
 
 
 @dataclass
 class Config:
-    model: str = tiny.TINY  # hub id or local dir; "tiny" builds the built-in model in code
-    data: str = tiny.BUILTIN  # "builtin", a .jsonl/.parquet file, or a hub data set id
+    model: str = tiny.TINY  # hub id, local dir, or "tiny" (the shipped built-in base model)
+    data: str = task.BUILTIN  # "builtin", a .jsonl/.parquet file, or a hub data set id
     eval_data: str = ""  # held-out problems (same formats); default: the eval split of "builtin"
-    method: str = "hapo"  # hapo | grpo | luffy | srft (SPEC.md's table)
+    method: str = "hapo"  # hapo | grpo | luffy | srft (hapo.py's table)
     gamma: float = 0.8  # confidence threshold: inject the teacher when c_i < gamma(t)
     gamma_schedule: str = "constant"  # constant | sigmoid | step, from gamma to gamma_end
     gamma_end: float = 0.5  # gamma(t) at the end of training for the sigmoid and step schedules
@@ -73,20 +75,27 @@ class Config:
     progress: bool = True  # tqdm bar
 
 
-def parse_args(argv=None):
+def fail(msg, dist):
+    """A user error: one line on stderr (once, not once per rank) and exit code 2, never a traceback."""
+    if dist.master:
+        print(f"train.py: error: {msg}", file=sys.stderr)
+    parallel.close(dist)  # exit cleanly, not with an abort from gloo's threads
+    sys.exit(2)
+
+
+def parse_args(argv, dist):
+    """The command line into a Config (one flag per field, help from the field's comment), checked."""
     class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, not the usage screen; once, not once per rank
-            if master:
-                print(f"train.py: error: {message} (see --help)", file=sys.stderr)
-            sys.exit(2)
+        def error(self, message):  # one line, not the usage screen
+            fail(f"{message} (see --help)", dist)
+    docs = dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))
     p = Parser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default)
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+        p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
-    checks = [(cfg.method in METHODS, f"--method must be one of {sorted(METHODS)}"),
+    world = dist.world
+    checks = [(cfg.method in hapo.METHODS, f"--method must be one of {sorted(hapo.METHODS)}"),
               (cfg.gamma_schedule in SCHEDULES, f"--gamma_schedule must be one of {SCHEDULES}"),
               (cfg.rollout in ("auto", "hf", "vllm"), "--rollout must be auto, hf or vllm"),
               (cfg.group_size >= 2, "--group_size must be at least 2 (advantages need a group)"),
@@ -103,69 +112,13 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# distributed: a dozen lines plus FSDP2; nothing changes when not under torchrun
-
-rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-master = rank == 0
-device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-
-
-def setup_distributed():
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def all_sum(x):
-    """Sum a float (or tensor) over ranks; identity in one process."""
-    if world == 1:
-        return x
-    t = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
-    dist.all_reduce(t)
-    return t.item() if t.dim() == 0 else t
-
-
-class Policy(torch.nn.Module):
-    """FSDP2's root module: policy(fn, *args) = fn(model, *args). FSDP2 gathers the root's parameters
-    (embeddings, final norm, LM head) around the root's forward, but loss.sequence_logprobs calls
-    model.model and reads the LM head itself: the LM's forward never runs, so this one wraps the loss."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args):
-        return fn(self.model, *args)
-
-
-def shard_model(policy):
-    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else {}
-    for layer in policy.model.model.layers:
-        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**bf16))
-    # the root's inputs are the batch (advantages, old log-probs): keep them fp32
-    fully_shard(policy, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False))
-
-
-# ----------------------------------------------------------------------------
-# model, data, checkpoints
-
-
-def fail(msg):
-    """A user error: one line on stderr and exit code 2, never a traceback."""
-    if master:
-        print(f"train.py: error: {msg}", file=sys.stderr)
-    if dist.is_initialized():  # exit cleanly, not with an abort from gloo's threads
-        dist.destroy_process_group()
-    sys.exit(2)
+# data
 
 
 def load_data(cfg, tok):
     """Train and held-out problems, tokenised; the teacher of each problem scored once (Eq. 4)."""
     train, stats = data.load_problems(cfg.data, "train")
-    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith(tiny.BUILTIN) else "")
+    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith(task.BUILTIN) else "")
     held = data.load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
     enc, enc_stats = data.encode(tok, train, cfg.max_prompt_tokens, cfg.max_solution_tokens)
     teacher_ok = [reward(e.solution, e.answer) for e in enc]
@@ -184,199 +137,70 @@ def prompt_batch(n_problems, cursor, size, seed):
     return out
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"]), random.setstate(s["python"]), np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(cfg, model, tok, opt, step, cursor, keep=2):
-    """<out_dir>/step_NNNNNN: save_pretrained policy + tokenizer, and state.pt for exact resume.
-
-    Written to a temporary directory and renamed, so a crash never leaves a half checkpoint; then
-    <out_dir>/latest is replaced atomically. Under FSDP2 the full state is gathered to rank 0.
-    """
-    rngs = [None] * world
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, opt_sd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        model_sd, opt_sd, rngs = model.state_dict(), opt.state_dict(), [rng_state()]
-    if master:
-        final = os.path.join(cfg.out_dir, f"step_{step:06d}")
-        tmp = final + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_sd)
-        tok.save_pretrained(tmp)
-        torch.save({"step": step, "cursor": cursor, "optimizer": opt_sd, "rng": rngs, "world": world,
-                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(cfg.out_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(cfg.out_dir, "latest.tmp"), os.path.join(cfg.out_dir, "latest"))
-        old = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("step_") and ".tmp" not in d)
-        for d in old[:-keep]:
-            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
-    if world > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(out_dir):
-    path = os.path.join(out_dir, "latest")
-    if not os.path.exists(path):
-        fail(f"--resume: no checkpoint in '{out_dir}' (no '{path}' file)")
-    return os.path.join(out_dir, open(path).read().strip())
-
-
-def load_state(start_dir, model, opt):
-    """A checkpoint's optimizer and RNG state (the model came from its directory) -> (step, cursor).
-
-    Under FSDP2 rank 0 reads the full optimizer state and broadcasts it tensor by tensor into the
-    shards; the file is memory-mapped, so the other ranks read only the small entries."""
-    state = torch.load(os.path.join(start_dir, "state.pt"), weights_only=False, mmap=world > 1)
-    if state["world"] != world:
-        fail(f"checkpoint was written by {state['world']} ranks; resume it with the same number")
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, state["optimizer"] if master else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][rank])
-    return state["step"], state["cursor"]
-
-
-# ----------------------------------------------------------------------------
-# the trainer's side of a step: the policy, its update, the metrics
-
-
-def make_policy(model, cfg):
-    """The trained policy (FSDP2-sharded under torchrun) and its AdamW."""
-    model.to(device)
-    if cfg.grad_checkpointing:
-        model.activation_checkpointing_enable()  # non-reentrant, which FSDP2 composes with
-    policy = Policy(model)
-    if world > 1:
-        shard_model(policy)
-    return policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def optimize(policy, opt, batch, cfg, num_tokens):
-    """Mini-batch updates over the batch, each with micro-batches under the global token count.
-
-    Returns (loss, grad_norm) of the last update. Losses are scaled by the world size because FSDP2
-    averages gradients over ranks while Eq. 8 wants their sum over the global normaliser.
-    """
-    B = len(batch)
-    if cfg.mini_batches > 1:  # several updates per batch: freeze pi_theta_old first
-        with torch.no_grad():
-            batch.old_logp = torch.cat([policy(sequence_logprobs, batch.input_ids[i:i + cfg.micro_batch],
-                                               batch.attention_mask[i:i + cfg.micro_batch], cfg.chunk_size)
-                                        for i in range(0, B, cfg.micro_batch)])
-    per = math.ceil(B / cfg.mini_batches)
-    for m in range(0, B, per):
-        mini = batch.slice(m, m + per)
-        mini_tokens = all_sum(float(mini.num_tokens())) if cfg.mini_batches > 1 else num_tokens
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, len(mini), cfg.micro_batch):
-            micro = mini.slice(i, i + cfg.micro_batch)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1):
-                loss = policy(batch_loss, micro, cfg.method, mini_tokens, cfg.clip_eps, cfg.shaping_gamma,
-                              cfg.chunk_size)
-            (loss * world).backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over ranks
-            grad_norm = grad_norm.full_tensor()
-        opt.step()
-    return all_sum(total), float(grad_norm)
-
-
-def update(policy, opt, groups, cfg, gamma, pad_id):
-    """Stages 3-7 on this rank's groups; returns the step's metrics, reduced over ranks."""
-    # 3-6. confidence, gate, SSI, advantages (hapo.py), packed for the trainer
-    batch, m = build_batch(groups, cfg.method, gamma, pad_id)
-    if world > 1:  # counts are summed over ranks, means averaged (every rank holds as many groups)
-        total = all_sum(torch.tensor(list(m.values()), dtype=torch.float64))  # [len(m)]: one all_reduce
-        m = {k: v.item() / (1 if k in ("train/teacher_injected", "train/teacher_failed") else world)
-             for k, v in zip(m, total)}
-    for f in ("input_ids", "attention_mask", "loss_mask", "advantages", "teacher"):
-        setattr(batch, f, getattr(batch, f).to(device))
-    num_tokens = all_sum(float(batch.num_tokens()))  # Eq. 8's normaliser: all tokens on all ranks
-    # 7. loss and optimizer step
-    policy.train()
-    loss, grad_norm = optimize(policy, opt, batch, cfg, num_tokens)
-    return {**m, "train/gamma": gamma, "train/loss": loss, "train/grad_norm": grad_norm}
-
-
 # ----------------------------------------------------------------------------
 # the loop
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, parallel.from_env())
+    dist = parallel.init()
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
-    setup_distributed()
-    from eval import evaluate, load_model, resolve_model
-    from rollout import make_engine, resolve_engine
     from tqdm import tqdm
+    from evaluation import evaluate
+    from models import load_model, resolve_model
+    from rollout import make_engine, resolve_engine
 
-    start_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    torch.manual_seed(cfg.seed + rank), random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank)
+    start_dir = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and start_dir is None:
+        fail(f"--resume: no checkpoint in '{cfg.out_dir}' (no '{os.path.join(cfg.out_dir, 'latest')}' file)", dist)
+    torch.manual_seed(cfg.seed + dist.rank), random.seed(cfg.seed + dist.rank), np.random.seed(cfg.seed + dist.rank)
     try:
-        model, tok = load_model(resolve_model(start_dir or cfg.model), dtype=torch.float32)
+        model_path = start_dir or resolve_model(cfg.model)
+        model, tok = load_model(model_path, dtype=torch.float32)
         problems, teacher_ok, held, stats = load_data(cfg, tok)
-    except DataError as e:
-        fail(str(e))
-    if master:
+        kind, why = resolve_engine(cfg.rollout)
+    except (DataError, ImportError) as e:
+        fail(str(e), dist)
+    if dist.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
         print(f"data: {json.dumps(stats)}; held-out problems: {len(held)}")
-    # the rollout engine first: vLLM must claim its GPU memory before the trainer does
-    try:
-        kind, _ = resolve_engine(cfg.rollout)
-    except ImportError as e:
-        fail(str(e))
-    model_path = start_dir or cfg.model
-    if kind == "vllm" and cfg.model == tiny.TINY and start_dir is None:  # vLLM loads from disk
-        model_path = os.path.join(cfg.out_dir, "tiny_init")
-        if master:
-            model.save_pretrained(model_path), tok.save_pretrained(model_path)
-        if world > 1:
-            dist.barrier()
-    # under FSDP2 every rank would have to run the same forwards: HF samples from a full copy
-    sampler = copy.deepcopy(model).to(device) if world > 1 and kind == "hf" else model
-    engine = make_engine(cfg.rollout, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory,
-                         seed=cfg.seed, enable_sleep_mode=cfg.vllm_sleep, tensor_parallel_size=cfg.tensor_parallel)
+        print(f"rollout engine: {kind} ({why})")
+    # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
+    # every rank would have to run the same forwards, so the HF engine samples from a full copy
+    sampler = copy.deepcopy(model).to(dist.device) if dist.world > 1 and kind == "hf" else model
+    engine = make_engine(kind, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
+                         enable_sleep_mode=cfg.vllm_sleep, tensor_parallel_size=cfg.tensor_parallel,
+                         rank=dist.rank, world_size=dist.world)
     # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
     # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
-    tp = cfg.tensor_parallel if kind == "vllm" and world > 1 else 1
-    dp_rank, dp_world = rank // tp, world // tp
-    policy, opt = make_policy(model, cfg)
+    tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
+    dp_rank, dp_world, N = dist.rank // tp, dist.world // tp, cfg.group_size
+    model.to(dist.device)
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable()  # non-reentrant, which FSDP2 composes with
+    policy = parallel.Policy(model)
+    if dist.world > 1:
+        parallel.shard(policy, dist)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     step, cursor = 0, 0
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if start_dir:
-        step, cursor = load_state(start_dir, model, opt)
-        if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+        try:
+            state = checkpoint.load_state(start_dir, model, opt, dist)
+        except ValueError as e:
+            fail(str(e), dist)
+        step, cursor = state["step"], state["cursor"]
+        if dist.master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
             keep = [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
             open(metrics_path, "w").writelines(keep)
-    elif master:
+    elif dist.master:
         open(metrics_path, "w").close()
 
     def log(row):
-        if master:
+        if dist.master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -386,50 +210,56 @@ def main(argv=None):
         part = held[dp_rank::dp_world]
         r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * at)
-        return {"eval/accuracy": all_sum(r["accuracy"] * len(part)) / tp / len(held)}
+        return {"eval/accuracy": parallel.all_sum(dist, r["accuracy"] * len(part)) / tp / len(held)}
 
     if step == 0:
         log({"step": 0, **run_eval(0)})
-    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not (master and cfg.progress),
-               desc=cfg.method, dynamic_ncols=True)
+    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
+               disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        # 1. rollout: N samples for each of this rank's prompts
+        # 1. rollout: N samples for each of this rank's prompts (rollout.py)
         idx = prompt_batch(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
         cursor += cfg.batch_prompts
-        completions = engine.generate([problems[i].prompt_ids for i in idx], cfg.group_size,
-                                      cfg.max_new_tokens, cfg.temperature)
+        completions = engine.generate([problems[i].prompt_ids for i in idx], N, cfg.max_new_tokens, cfg.temperature)
         if cfg.vllm_sleep:
             engine.sleep()  # level 1: vLLM hands its memory back to the trainer
-        N = cfg.group_size
-        mine = [(i, completions[g * N:(g + 1) * N]) for g, i in enumerate(idx)][rank % tp::tp]
-        # 2. reward (Eq. 4)
-        groups = []
-        for i, resp in mine:
-            rew = [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)]
-            groups.append(Group(problems[i].prompt_ids, resp, rew, problems[i].solution_ids, teacher_ok[i]))
-        # 3-7. confidence and gate, SSI, advantages, loss, optimizer step
+        mine = [(i, completions[g * N:(g + 1) * N]) for g, i in enumerate(idx)][dist.rank % tp::tp]
+        # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
+        groups = [hapo.Group(problems[i].prompt_ids, resp,
+                             [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
+                             problems[i].solution_ids, teacher_ok[i]) for i, resp in mine]
+        # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
         gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
-        m = update(policy, opt, groups, cfg, gamma, tok.pad_token_id)
+        opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
+        # 4. SSI: in each opened group the worst rollout becomes the verified teacher (Eq. 7)
+        trained = hapo.inject(groups, opened)
+        # 5. advantages, on the groups after SSI (Eq. 2)
+        adv = hapo.advantages(trained)  # [M, N]
+        # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
+        batch = hapo.pack(trained, adv, tok.pad_token_id).to(dist.device)
+        loss, grad_norm = update.optimize(policy, opt, batch, cfg, dist)
         # 8. weight sync into the rollout engine
         engine.sync_weights(model)
-        # log, evaluate, checkpoint
-        gen_tokens = all_sum(float(sum(len(r) for _, resp in mine for r in resp)))
+        # 9. log
+        row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
+               "train/gamma": gamma, "train/loss": loss, "train/grad_norm": grad_norm}
+        gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp in mine for r in resp)))
         dt = time.time() - t0
-        row = {"step": step + 1, **m, "time/step_s": dt, "time/tokens_per_s": gen_tokens / dt}
+        row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             row.update(run_eval(step + 1))
         log(row)
-        if master:
+        if dist.master:
             acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-            bar.write(f"step {step + 1:4d} | reward {m['train/reward']:.3f} | len {m['train/response_len']:5.1f} | "
-                      f"teacher {m['train/teacher_injected']:3.0f} | gate {m['train/gate_open_frac']:.2f} | "
-                      f"zero-var {m['train/zero_var_frac']:.2f} | loss {m['train/loss']:+.4f} | {dt:.2f}s{acc}")
+            bar.write(f"step {step + 1:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
+                      f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | "
+                      f"zero-var {row['train/zero_var_frac']:.2f} | loss {loss:+.4f} | {dt:.2f}s{acc}")
+        # 10. checkpoint
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg, model, tok, opt, step + 1, cursor)
-    if world > 1:
-        dist.barrier()  # no rank tears the group down while another still talks to it
-        dist.destroy_process_group()
+            checkpoint.save(cfg.out_dir, step + 1, model, tok, opt, dist,
+                            {"cursor": cursor, "config": dataclasses.asdict(cfg)})
+    parallel.close(dist)
 
 
 if __name__ == "__main__":

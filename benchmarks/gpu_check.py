@@ -1,15 +1,16 @@
 """GPU check: the trainer's bf16 step and the HF rollout engine on a Qwen2.5-0.5B-shaped policy.
 
-    python gpu_check.py [--micro_batch 16] [--json PATH]
+    python benchmarks/gpu_check.py [--micro_batch 16] [--json PATH]
 
 Random weights of Qwen2.5-0.5B's shape (no download), so it runs on a machine without the hub.
-It times train.update (stages 3-7 of a HAPO step: gate, SSI, advantages, loss, AdamW) on 16 prompts
+It times stages 3-7 of a HAPO step (gate, SSI, advantages, loss, AdamW: hapo.py and update.py) on 16 prompts
 x 8 rollouts of random tokens, compares the peak memory of chunked log-probs (loss.py) with plain
 log_softmax over the 151,936-token vocabulary, and times HFEngine.generate. Needs CUDA.
 """
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -18,10 +19,14 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import train
-from hapo import Group
-from loss import sequence_logprobs
-from rollout import HFEngine
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import hapo  # noqa: E402
+import parallel  # noqa: E402
+import train  # noqa: E402
+import update  # noqa: E402
+from hapo import Group  # noqa: E402
+from loss import sequence_logprobs  # noqa: E402
+from rollout import HFEngine  # noqa: E402
 
 EOS = 151643  # Qwen2.5's <|endoftext|>
 QWEN05 = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -49,17 +54,21 @@ def main():
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN05)).float()  # fp32 master weights, as train.py loads them
     res["params"] = P = sum(p.numel() for p in model.parameters())
     cfg = train.Config(micro_batch=args.micro_batch)
-    policy, opt = train.make_policy(model, cfg)  # one process: bf16 autocast in train.optimize
+    dist = parallel.init()
+    policy = parallel.Policy(model.to(dist.device))  # one process: bf16 autocast in update.optimize
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     rng = random.Random(0)
     for it in range(3):  # the first is warm-up
         groups = random_groups(rng)
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
         t = time.time()
-        m = train.update(policy, opt, groups, cfg, 0.8, EOS)
+        opened, _ = hapo.gate_groups(groups, cfg.method, 0.8)
+        trained = hapo.inject(groups, opened)
+        update.optimize(policy, opt, hapo.pack(trained, hapo.advantages(trained), EOS).to(dist.device), cfg, dist)
         torch.cuda.synchronize()
         dt = time.time() - t
         tokens = sum(len(g.prompt_ids) * len(g.responses) + sum(map(len, g.responses)) for g in groups)
-        print(f"update {it}: {dt:.2f} s, {tokens / dt:,.0f} tokens/s, teacher {m['train/teacher_injected']:.0f}, "
+        print(f"update {it}: {dt:.2f} s, {tokens / dt:,.0f} tokens/s, teacher {sum(g.teacher_at is not None for g in trained)}, "
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     res.update(update_tokens_per_s=tokens / dt, update_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                update_tflops_6PT=6 * P * tokens / dt / 1e12)  # 6 x params x tokens: a floor on the real count

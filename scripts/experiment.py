@@ -1,7 +1,7 @@
 """The paper's Figure 2 on the built-in task: HAPO vs GRPO vs LUFFY vs SRFT, several seeds.
 
-    python experiment.py                      # 4 methods x 3 seeds, 2 at a time; then the plot and table
-    python experiment.py --report             # only redraw the plot and table from finished runs
+    python scripts/experiment.py              # 4 methods x 3 seeds, 2 at a time; then the plot and table
+    python scripts/experiment.py --report     # only redraw the plot and table from finished runs
 
 Each run is `python train.py --method M --seed S ...` in its own process (one thread each), writing
 <out>/<method>_s<seed>/metrics.jsonl; a finished run is not rerun, so an interrupted experiment
@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 
-METHODS = ("hapo", "grpo", "luffy", "srft")
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from hapo import METHODS  # noqa: E402  (after the path: the project's modules live one level up)
 
 
 def run_dir(out, method, seed):
@@ -49,7 +50,7 @@ def run_all(args):
             path = run_dir(args.out, m, s)
             os.makedirs(path, exist_ok=True)
             resume = ["--resume"] if os.path.exists(os.path.join(path, "latest")) else []
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), "--method", m, "--seed", str(s),
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", m, "--seed", str(s),
                    "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--out_dir", path,
                    "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args]
             log = open(os.path.join(path, "train.log"), "a")
@@ -147,7 +148,7 @@ def plot(runs, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/experiment", help="one sub-directory per run")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_every", type=int, default=20)

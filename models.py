@@ -1,0 +1,51 @@
+"""Loading a policy and its tokenizer: a hub id, a local directory, a training out_dir, or `tiny`.
+
+train.py and eval.py both load through here, so a checkpoint means the same thing to both.
+Errors are DataError with one line that says what was wrong and where.
+"""
+
+import os
+import re
+
+import torch
+
+import tiny
+from data import DataError
+
+
+def resolve_model(name: str) -> str:
+    """The directory (or hub id) to load: `tiny` is the shipped tiny_base/, a training out_dir means
+    its latest checkpoint. Raises DataError for a path that does not exist and is no hub id either."""
+    if name == tiny.TINY:
+        if not os.path.exists(os.path.join(tiny.SHIPPED, "model.safetensors")):
+            raise DataError(f"the built-in model is missing from {tiny.SHIPPED}: rebuild it with `python tiny.py`")
+        return tiny.SHIPPED
+    if os.path.isfile(os.path.join(name, "latest")) and not os.path.exists(os.path.join(name, "config.json")):
+        import checkpoint  # a training out_dir: its newest complete checkpoint
+        found = checkpoint.latest(name)
+        if found is None:
+            raise DataError(f"'{name}' is a training out_dir without a complete checkpoint")
+        return found
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise DataError(f"model path '{name}' is not a directory")
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):  # not `owner/name` either
+        raise DataError(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
+    return name
+
+
+def load_model(path: str, need_weights: bool = True, dtype=None):
+    """(model or None, tokenizer) from resolve_model's answer. Weights are skipped when vLLM loads its
+    own; the default dtype is bf16 on a GPU and fp32 on a CPU. Raises DataError (one line)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if need_weights else None
+    except (OSError, ValueError) as err:
+        where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
+        raise DataError(f"could not load model '{path}'{where}: {str(err).strip().splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

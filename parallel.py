@@ -1,0 +1,100 @@
+"""Distributed state, passed as a value: one process, or several under torchrun with FSDP2.
+
+    dist = parallel.init()          # in main(), once; nothing here runs at import
+    parallel.all_sum(dist, x)       # a float or tensor summed over ranks (identity in one process)
+
+Nothing changes when not under torchrun: rank 0 of a world of 1, on cuda:0 or the CPU.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:  # rank 0 logs, writes files and prints
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    """Rank, world size and device as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK), without
+    starting anything: what argument checks need before the process group exists."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    return Dist(rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"))
+
+
+def init() -> Dist:
+    """from_env(), and the process group when there are several ranks (NCCL on GPUs, gloo on CPUs)."""
+    d = from_env()
+    if d.world > 1 and not tdist.is_initialized():
+        if d.device.type == "cuda":
+            torch.cuda.set_device(d.device)
+        tdist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
+    return d
+
+
+def close(d: Dist) -> None:
+    """Tear the process group down, after a barrier: no rank leaves while another still talks to it."""
+    if d.world > 1 and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        tdist.barrier()
+
+
+def all_sum(d: Dist, x):
+    """Sum a float (or tensor) over ranks; identity in one process."""
+    if d.world == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
+    tdist.all_reduce(t)
+    return t.item() if t.dim() == 0 else t
+
+
+def reduce_metrics(d: Dist, sums: dict, means: dict) -> dict:
+    """One all_reduce for a step's metrics: `sums` are counts added over ranks, `means` are averaged
+    over ranks (every rank holds as many groups, so the mean of means is the global mean)."""
+    if d.world == 1:
+        return {**sums, **means}
+    total = all_sum(d, torch.tensor([*sums.values(), *means.values()], dtype=torch.float64))
+    values = total.tolist()
+    return {**dict(zip(sums, values[:len(sums)])), **{k: v / d.world for k, v in zip(means, values[len(sums):])}}
+
+
+# ----------------------------------------------------------------------------
+# FSDP2
+
+
+class Policy(torch.nn.Module):
+    """FSDP2's root module: policy(fn, *args) = fn(model, *args). FSDP2 gathers the root's parameters
+    (embeddings, final norm, LM head) around the root's forward, but loss.sequence_logprobs calls
+    model.model and reads the LM head itself: the LM's forward never runs, so this one wraps the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def shard(policy: Policy, d: Dist) -> None:
+    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else {}
+    for layer in policy.model.model.layers:
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**bf16))
+    # the root's inputs are the batch (advantages, old log-probs): keep them fp32
+    fully_shard(policy, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False))
