@@ -36,6 +36,7 @@ from tests.test_equivalence import *  # noqa: E402,F401,F403  tier 2
 from tests.test_rollout import *  # noqa: E402,F401,F403  tier 2
 from tests.test_end_to_end import *  # noqa: E402,F401,F403  tier 3
 from tests.test_eval import *  # noqa: E402,F401,F403  tier 3
+from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm)
 
 
 # ----------------------------------------------------------------------------
@@ -202,7 +203,9 @@ def test_every_test_name_is_collected_once():
     import tests.test_eval
     import tests.test_reward
     import tests.test_rollout
+    import tests.test_vllm
     names = [n for m in (tests.test_reward, tests.test_data, tests.test_equivalence, tests.test_rollout,
-                         tests.test_end_to_end, tests.test_eval) for n in vars(m) if n.startswith("test_")]
+                         tests.test_end_to_end, tests.test_eval, tests.test_vllm)
+             for n in vars(m) if n.startswith("test_")]
     names += [n for n, f in globals().items() if n.startswith("test_") and f.__module__ == __name__]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
