@@ -306,3 +306,32 @@ def encode(tokenizer, problems: list[Problem], max_prompt_tokens: int | None,
             f"over max_solution_tokens={max_solution_tokens} (longest {stats['longest_solution']}"
             " with EOS); raise the limit")
     return out, stats
+
+
+# ----------------------------------------------------------------------------
+# What train.py trains on
+
+
+def training_set(spec, eval_spec, tokenizer, max_prompt_tokens, max_solution_tokens, eval_problems, score):
+    """(encoded train problems, each teacher's own reward, held-out problems, stats) for train.py.
+    Each teacher is scored once here by `score` (Eq. 4's reward): one that fails is never injected.
+    The held-out set defaults to the built-in task's eval split when training on the built-in task."""
+    train, stats = load_problems(spec, "train")
+    held_spec = eval_spec or (spec if spec.startswith(task.BUILTIN) else "")
+    held = load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
+    enc, enc_stats = encode(tokenizer, train, max_prompt_tokens, max_solution_tokens)
+    teacher_ok = [score(e.solution, e.answer) for e in enc]
+    stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok)}
+    return enc, teacher_ok, held[:eval_problems or None], stats
+
+
+def batch_indices(n_problems, cursor, size, seed):
+    """Indices of the next `size` problems: a fresh permutation each epoch, position = cursor."""
+    import torch
+    orders, out = {}, []  # one permutation per epoch the batch touches, not one per index
+    for c in range(cursor, cursor + size):
+        epoch, i = divmod(c, n_problems)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(orders[epoch][i]))
+    return out

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from data import DataError
-from evaluation import default_k, evaluate, load_benchmarks, summarize
+from evaluation import default_k, drop_long_prompts, evaluate, load_benchmarks, summarize
 from models import load_model, resolve_model
 
 # ----------------------------------------------------------------------------
@@ -86,11 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     p.add_argument("--rollout", choices=("auto", "hf", "vllm"), default="auto")
     p.add_argument("--batch_prompts", type=int, default=64, help="problems per generate() call")
+    p.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer prompts are left out (counted)")
     p.add_argument("--gpu_memory", type=float, default=0.85, help="fraction of GPU memory vLLM may take")
     args = p.parse_args(argv)
     if (args.k is not None and args.k < 1) or (args.limit is not None and args.limit < 1) or \
-            args.max_new_tokens < 1 or args.batch_prompts < 1:
-        p.error("--k, --limit, --max_new_tokens and --batch_prompts must be at least 1")
+            min(args.max_new_tokens, args.batch_prompts, args.max_prompt_tokens) < 1:
+        p.error("--k, --limit, --max_new_tokens, --batch_prompts and --max_prompt_tokens must be at least 1")
     return args
 
 
@@ -100,15 +101,24 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from rollout import make_engine, resolve_engine
     try:
-        use_vllm = resolve_engine(args.rollout)[0] == "vllm"
+        kind, why = resolve_engine(args.rollout)
         model_path = resolve_model(args.model)
         benchmarks = load_benchmarks(args.benchmarks)
-        model, tok = load_model(model_path, need_weights=not use_vllm)
+        model, tok = load_model(model_path, need_weights=kind != "vllm")
     except (DataError, ImportError) as err:
         fail(str(err))
+    dropped = {}
+    for name, problems in benchmarks.items():  # a prompt too long to sample would fail the whole run
+        benchmarks[name], dropped[name] = drop_long_prompts(tok, problems, args.max_prompt_tokens)
+        if dropped[name]:
+            print(f"eval.py: warning: {name}: {dropped[name]} problem(s) with prompts over --max_prompt_tokens "
+                  f"{args.max_prompt_tokens} left out", file=sys.stderr)
     os.makedirs(args.out_dir, exist_ok=True)
-    check_settings(args.out_dir, {"model": args.model if args.model == "tiny" else model_path, "temperature": args.temperature,
-                                  "top_p": args.top_p, "max_new_tokens": args.max_new_tokens})
+    check_settings(args.out_dir, {"model": args.model if args.model == "tiny" else model_path,
+                                  "temperature": args.temperature, "top_p": args.top_p,
+                                  "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens})
+    print(f"rollout engine: {kind} ({why})")
+    use_vllm = kind == "vllm"
     if model is not None and torch.cuda.is_available() and not use_vllm:
         model.to("cuda")
     try:
@@ -151,7 +161,7 @@ def main(argv=None):
                      batch_prompts=args.batch_prompts, on_sample=write, progress=True)
             s = summarize(kept + new)
             summary[name] = {"n_problems": s["n_problems"], "k": k, "avg_at_k": s["avg_at_k"],
-                             "pass_at_1": s["pass_at_1"]}
+                             "pass_at_1": s["pass_at_1"], "dropped_long_prompt": dropped[name]}
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(markdown_table(summary))

@@ -119,3 +119,11 @@ def load_benchmarks(paths: list[str]) -> dict[str, list[data.Problem]]:
                                 "rename one of the files")
             out.setdefault(name, []).append(dataclasses.replace(p, source=name))
     return out
+
+
+
+def drop_long_prompts(tokenizer, problems, limit):
+    """(problems whose rendered prompt is at most `limit` tokens, how many were left out)."""
+    kept = [p for p in problems if len(tokenizer(data.render_prompt(tokenizer, p.prompt),
+                                                 add_special_tokens=False)["input_ids"]) <= limit]
+    return kept, len(problems) - len(kept)

@@ -1,27 +1,30 @@
-"""Advantages (Eq. 2), per-token log-probs, and the HAPO objective (Eqs. 3, 8, 9).
+"""Advantages (Eq. 2), per-token log-probs and entropy, and the HAPO objective (Eqs. 3, 8, 9).
 
 Sign convention: every function returns a loss to *minimise*, the negative of the paper's J.
 """
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------
+# Eq. 2
 
 
-def group_advantages(rewards, eps=1e-6):
+def group_advantages(rewards, eps=1e-6, scale_by_std=True):
     """Eq. 2: A_j = (R_j - mean(R)) / (std(R) + eps) within each group.
 
     rewards [M, N] -> advantages [M, N]. std is torch's unbiased one, as verl and TRL compute it;
     a group whose rewards are all equal has std 0 and numerator 0, so its advantages are exactly 0.
+    scale_by_std=False leaves out the division (LUFFY's released script: grpo_use_std=False).
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)  # [M, N]
-    mean = rewards.mean(dim=1, keepdim=True)  # [M, 1]
-    std = rewards.std(dim=1, keepdim=True)  # [M, 1]
-    return (rewards - mean) / (std + eps)  # [M, N]
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [M, N]
+    if not scale_by_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)  # [M, N]
 
 
 # ----------------------------------------------------------------------------
-# per-token log-probs, never holding a second [B, T, V] tensor
+# per-token log-probs (and entropy), never holding a second [B, T, V] tensor
 
 
 def token_logprobs(logits, targets, chunk_size=1024):
@@ -42,44 +45,116 @@ def token_logprobs(logits, targets, chunk_size=1024):
     return torch.cat(out).view(B, T)  # [B, T]
 
 
-def _chunk_logprobs(hidden, weight, targets):
-    logits = (hidden @ weight.t()).float()  # [c, V]
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)  # [c]
+def _chunk_logits(h, weight, temperature):
+    """One chunk's logits in fp32, of the sampling distribution: (h W^T) / T. [c, V]."""
+    logits = _up(h @ weight.t())  # [c, V]; in bf16 under autocast, then fp32 for the softmax
+    return logits if temperature == 1.0 else logits / temperature
 
 
-def hidden_logprobs(hidden, weight, targets, chunk_size=1024):
-    """Like token_logprobs, but from the last hidden states [B, T, H] and the LM head weight [V, H].
+def _up(x):
+    """bf16/fp16 -> fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so neither
-    pass ever holds more than one [chunk, V] block of logits: the full [B, T, V] never exists.
+
+class _FusedLogprobs(torch.autograd.Function):
+    """log p(target) and the entropy at each position, a chunk of positions at a time, from the last
+    hidden states and the LM head. The backward recomputes each chunk's logits and turns them into
+    their gradient in place, so neither pass holds more than two or three [chunk, V] blocks, and no
+    autograd graph is built over the vocabulary at all.
+
+    With z = logits / T, p = softmax(z), for a position with target t and upstream gradients g (of
+    log p_t) and g_H (of the entropy H = -sum p log p):
+        d log p_t / dz = onehot(t) - p,     dH / dz = -p (log p + H),
+    and dz / dlogits = 1 / T; then dh = dlogits W and dW = dlogits^T h, summed over the chunks from
+    the last to the first, as autograd would sum them (so the gradients equal the unfused ones).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
+        dtype = torch.get_autocast_dtype("cuda") if hidden.is_cuda and torch.is_autocast_enabled("cuda") else None
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
+        ctx.set_materialize_grads(False)  # an unused entropy output sends no gradient, not zeros
+        logp, entropy = [], []
+        with torch.autocast("cuda", enabled=False):
+            w = _cast(weight, dtype)
+            for i in range(0, hidden.shape[0], chunk_size):
+                z = _chunk_logits(_cast(hidden[i:i + chunk_size], dtype), w, temperature)  # [c, V]
+                lse = torch.logsumexp(z, dim=1)  # [c]
+                logp.append(z.gather(1, targets[i:i + chunk_size, None]).squeeze(1) - lse)  # [c]
+                z.sub_(lse[:, None])  # log p, in place
+                entropy.append(-(z.exp() * z).sum(dim=1))  # [c]
+        return torch.cat(logp), torch.cat(entropy)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        T, dtype, c = ctx.temperature, ctx.dtype, ctx.chunk_size
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        with torch.autocast("cuda", enabled=False):
+            w = _cast(weight, dtype)
+            for i in reversed(range(0, hidden.shape[0], c)):
+                h = _cast(hidden[i:i + c], dtype)  # [c, H]
+                z = _chunk_logits(h, w, T)  # [c, V]
+                lse = torch.logsumexp(z, dim=1, keepdim=True)  # [c, 1]
+                grad = torch.zeros_like(z) if g_logp is None else (z - lse).exp().mul_(-g_logp[i:i + c, None])
+                if g_entropy is not None:  # -g_H p (log p + H)
+                    logp = z.sub_(lse)  # [c, V], in place
+                    p = logp.exp()  # [c, V]
+                    ent = -(p * logp).sum(dim=1, keepdim=True)  # [c, 1]
+                    grad.sub_(logp.add_(ent).mul_(p).mul_(g_entropy[i:i + c, None]))
+                if g_logp is not None:
+                    grad.scatter_add_(1, targets[i:i + c, None], g_logp[i:i + c, None])  # + g onehot(t)
+                if T != 1.0:
+                    grad.div_(T)
+                grad = grad.to(h.dtype)
+                if grad_h is not None:
+                    grad_h[i:i + c] = grad @ w
+                if ctx.needs_input_grad[1]:
+                    part = grad.t() @ h  # [V, H]
+                    grad_w = _up(part) if grad_w is None else grad_w + _up(part)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def _cast(x, dtype):
+    return x if dtype is None else x.to(dtype)
+
+
+def hidden_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0, entropy=False):
+    """Per-token log-probs [B, T] (and entropy [B, T] with entropy=True) from the last hidden states
+    [B, T, H] and the LM head weight [V, H], of the distribution the rollouts were sampled from:
+    softmax(logits / temperature). Chunked and fused (_FusedLogprobs): the full [B, T, V] never exists.
     """
     B, T, H = hidden.shape
-    flat, tgt = hidden.reshape(B * T, H), targets.reshape(B * T)  # [B*T, H], [B*T]
-    out = []
-    for i in range(0, B * T, chunk_size):
-        h, t = flat[i:i + chunk_size], tgt[i:i + chunk_size]  # [c, H], [c]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(h, weight, t))
-    return torch.cat(out).view(B, T)  # [B, T]
+    logp, ent = _FusedLogprobs.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T), chunk_size,
+                                     float(temperature))  # [B*T], [B*T]
+    return (logp.view(B, T), ent.view(B, T)) if entropy else logp.view(B, T)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, chunk_size=1024):
-    """Per-token log-probs of a causal LM: [B, L] ids -> [B, L-1] log pi(ids[:, t+1] | ids[:, :t+1])."""
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+def sequence_logprobs(model, input_ids, attention_mask, chunk_size=1024, temperature=1.0, entropy=False,
+                      position_ids=None):
+    """Per-token log-probs of a causal LM: [B, L] ids -> [B, L-1] log pi(ids[:, t+1] | ids[:, :t+1]),
+    at the sampling temperature; with entropy=True also the policy's entropy at each position.
+    Packed rows (several sequences in one row) pass position_ids restarting at 0 for each sequence
+    and attention_mask=None: transformers then masks attention within each sequence."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # [B, L, H]; no KV cache (it would also hide packing)
     weight = model.get_output_embeddings().weight  # [V, H]
-    return hidden_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], chunk_size)  # [B, L-1]
+    return hidden_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], chunk_size, temperature, entropy)
 
 
 # ----------------------------------------------------------------------------
 # the objective
 
 
-def clipped_surrogate(logp, old_logp, advantages, clip_eps=0.2):
-    """Eq. 3, per token, as a loss: -min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old. [B, T]."""
+def clipped_surrogate(logp, old_logp, advantages, clip_eps=0.2, clip=True):
+    """Eq. 3, per token, as a loss: -min(r A, clip(r, 1-eps, 1+eps) A), r = pi / pi_old. [B, T].
+    clip=False is the unclipped -r A (LUFFY's released script: loss_remove_clip=True)."""
     ratio = torch.exp(logp - old_logp)  # [B, T]
     pg_loss1 = -advantages * ratio  # [B, T]
+    if not clip:
+        return pg_loss1
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # [B, T]
     return torch.maximum(pg_loss1, pg_loss2)  # [B, T]
 
@@ -100,24 +175,42 @@ def sft_token_loss(logp):
 
 
 def hapo_loss(logp, old_logp, advantages, mask, teacher, clip_eps=0.2, shaping_gamma=0.1,
-              num_tokens=None, teacher_loss="shaped"):
+              num_tokens=None, teacher_loss="shaped", clip=True, is_weights=None):
     """Eqs. 8-9: one token mean over every token of every trajectory, teacher and on-policy alike.
 
-    logp, old_logp, mask: [B, T]; advantages: [B]; teacher: bool [B]. Teacher rows take the shaped
-    loss (or -log p with teacher_loss="sft"), on-policy rows the clipped surrogate. The sum is divided
-    by num_tokens, the token count of the *whole* rollout batch: passing it to every micro-batch (and
-    rank) makes their losses add up to exactly the full-batch loss. Defaults to mask.sum().
+    logp, old_logp, mask: [B, T]; advantages: [B] (or per token, [B, T]); teacher: bool [B] (or
+    [B, T]). Teacher tokens take the shaped loss (or -log p with teacher_loss="sft"), on-policy
+    tokens the clipped surrogate (unclipped with clip=False), each on-policy token's loss weighted
+    by is_weights [B, T] when given (a truncated importance-sampling correction). The sum is
+    divided by num_tokens, the token count of the *whole* rollout batch: passing it to every
+    micro-batch (and rank) makes their losses add up to exactly the full-batch loss. Defaults to
+    mask.sum().
     """
     mask = mask.to(logp.dtype)  # [B, T]
-    adv = advantages.to(logp.dtype)[:, None]  # [B, 1]
-    on_policy = clipped_surrogate(logp, old_logp, adv, clip_eps)  # [B, T]
+    adv = advantages.to(logp.dtype)  # [B] or [B, T]
+    adv = adv[:, None] if adv.dim() == 1 else adv  # [B, 1] or [B, T]
+    teacher = teacher[:, None] if teacher.dim() == 1 else teacher  # [B, 1] or [B, T]
+    on_policy = clipped_surrogate(logp, old_logp, adv, clip_eps, clip)  # [B, T]
+    if is_weights is not None:
+        on_policy = on_policy * is_weights
     if teacher_loss == "shaped":
         off_policy = shaped_teacher_loss(logp, adv, shaping_gamma)  # [B, T]
     elif teacher_loss == "sft":
         off_policy = sft_token_loss(logp)  # [B, T]
     else:
         raise ValueError(f"teacher_loss must be 'shaped' or 'sft', got {teacher_loss!r}")
-    per_token = torch.where(teacher[:, None], off_policy, on_policy)  # [B, T]
+    per_token = torch.where(teacher, off_policy, on_policy)  # [B, T]
     if num_tokens is None:
         num_tokens = mask.sum()
     return (per_token * mask).sum() / num_tokens
+
+
+def clip_stats(logp, old_logp, advantages, mask, clip_eps=0.2):
+    """Sums over the on-policy tokens in mask: (tokens, tokens where the clip binds and the gradient
+    is zero, sum of the ratio, max of the ratio). Divided out over the whole step in update.py."""
+    ratio = torch.exp(logp - old_logp).detach()  # [B, T]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
+    clipped = (-adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)) > (-adv * ratio)  # [B, T]
+    on = mask > 0
+    return (on.sum(), (clipped & on).sum(), (ratio * on).sum(),
+            ratio[on].max() if on.any() else torch.zeros((), device=ratio.device))

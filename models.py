@@ -43,7 +43,7 @@ def load_model(path: str, need_weights: bool = True, dtype=None):
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if need_weights else None
-    except (OSError, ValueError) as err:
+    except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways (SafetensorError, ...)
         where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
         raise DataError(f"could not load model '{path}'{where}: {str(err).strip().splitlines()[0]}") from None
     if tok.pad_token_id is None:

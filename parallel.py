@@ -63,6 +63,15 @@ def all_sum(d: Dist, x):
     return t.item() if t.dim() == 0 else t
 
 
+def all_max(d: Dist, x: float) -> float:
+    """The largest of a float over ranks; identity in one process."""
+    if d.world == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=d.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.item()
+
+
 def reduce_metrics(d: Dist, sums: dict, means: dict) -> dict:
     """One all_reduce for a step's metrics: `sums` are counts added over ranks, `means` are averaged
     over ranks (every rank holds as many groups, so the mean of means is the global mean)."""

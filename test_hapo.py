@@ -4,13 +4,14 @@ Three tiers, in this order:
 
 1. Equations by hand. This file proves each equation of the method against numbers worked out by
    hand (Eqs. 2-9, Algorithm 1, Theorem 4.2); tests/test_reward.py does the same for Eq. 4, the
-   reward, over a table of answer forms; tests/test_data.py for the data loaders and the built-in
-   task and model.
+   reward, over a table of answer forms; tests/test_options.py for the options beyond the
+   equations (LUFFY's grouping and script switches, entropy, temperature, truncation, clipping
+   statistics, schedules); tests/test_data.py for the data loaders and the built-in task and model.
 2. Equivalences against a slow, obvious reference (tests/test_equivalence.py, tests/test_rollout.py):
    micro-batches == the whole batch, chunked log-probs == log_softmax, batched sampling == one
    prompt at a time, two ranks == one process, a resumed run == an uninterrupted one.
-3. End to end (tests/test_end_to_end.py, tests/test_eval.py): train.py, eval.py and the scripts on
-   the built-in model.
+3. End to end (tests/test_end_to_end.py, tests/test_eval.py, tests/test_faults.py): train.py,
+   eval.py and the scripts on the built-in model, and the faults a run must survive.
 
 Markers (pytest.ini): `slow`, `distributed` (torchrun), `vllm` (runs where vLLM is installed: CI
 runs `-m vllm` in an environment of its own), `gpu` (skips without CUDA). Data (the reward's case
@@ -31,11 +32,13 @@ from hapo import Group  # noqa: E402
 from loss import clipped_surrogate, group_advantages, hapo_loss, shaping  # noqa: E402
 
 from tests.test_reward import *  # noqa: E402,F401,F403  tier 1: Eq. 4
+from tests.test_options import *  # noqa: E402,F401,F403  tier 1: LUFFY's switches, entropy, schedules
 from tests.test_data import *  # noqa: E402,F401,F403  tier 1: data, task, tiny model
 from tests.test_equivalence import *  # noqa: E402,F401,F403  tier 2
 from tests.test_rollout import *  # noqa: E402,F401,F403  tier 2
 from tests.test_end_to_end import *  # noqa: E402,F401,F403  tier 3
 from tests.test_eval import *  # noqa: E402,F401,F403  tier 3
+from tests.test_faults import *  # noqa: E402,F401,F403  tier 3: what a run survives
 from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm)
 
 
@@ -201,11 +204,13 @@ def test_every_test_name_is_collected_once():
     import tests.test_end_to_end
     import tests.test_equivalence
     import tests.test_eval
+    import tests.test_faults
+    import tests.test_options
     import tests.test_reward
     import tests.test_rollout
     import tests.test_vllm
-    names = [n for m in (tests.test_reward, tests.test_data, tests.test_equivalence, tests.test_rollout,
-                         tests.test_end_to_end, tests.test_eval, tests.test_vllm)
+    names = [n for m in (tests.test_reward, tests.test_options, tests.test_data, tests.test_equivalence, tests.test_rollout,
+                         tests.test_end_to_end, tests.test_eval, tests.test_faults, tests.test_vllm)
              for n in vars(m) if n.startswith("test_")]
     names += [n for n, f in globals().items() if n.startswith("test_") and f.__module__ == __name__]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

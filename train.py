@@ -30,7 +30,9 @@ import hapo
 import parallel
 import task
 import tiny
+import tracking
 import update
+from checkpoint import CheckpointError
 from data import DataError
 from gate import SCHEDULES, threshold
 from reward import reward
@@ -45,27 +47,41 @@ class Config:
     gamma: float = 0.8  # confidence threshold: inject the teacher when c_i < gamma(t)
     gamma_schedule: str = "constant"  # constant | sigmoid | step, from gamma to gamma_end
     gamma_end: float = 0.5  # gamma(t) at the end of training for the sigmoid and step schedules
-    group_size: int = 8  # N rollouts per prompt
+    group_size: int = 8  # N rollouts per prompt (luffy and srft: N-1 sampled plus the teacher)
     batch_prompts: int = 16  # M prompts per rollout batch (global, over all ranks)
     mini_batches: int = 1  # optimizer steps per rollout batch (LUFFY: 2); >1 computes pi_old
     micro_batch: int = 64  # trajectories per forward/backward (gradient accumulation)
-    lr: float = 5e-4  # AdamW learning rate, constant (the tiny model; the 7B recipe: 1e-6)
-    weight_decay: float = 0.0  # AdamW weight decay
+    micro_batch_tokens: int = 0  # >0: micro-batches by token budget instead, rows sorted by length
+    pack: bool = False  # with micro_batch_tokens: pack each micro-batch into one row, no padding
+    lr: float = 5e-4  # AdamW peak learning rate (the tiny model; the 7B recipe: 1e-6)
+    lr_schedule: str = "constant"  # constant | linear | cosine decay after the warm-up (paper: constant)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps
+    weight_decay: float = 0.0  # AdamW weight decay (LUFFY's script: 0.01)
     grad_clip: float = 1.0  # max global grad norm
     clip_eps: float = 0.2  # PPO clip range of Eq. 3
+    clip_on_policy: bool = True  # Eq. 3's clip (LUFFY's script: off, loss_remove_clip=True)
+    adv_std: bool = True  # divide advantages by the group's std, Eq. 2 (LUFFY's script: off)
+    loss_norm: str = "token_mean"  # token_mean (Eq. 8) | constant: / (trajectories x max_new_tokens), LUFFY's
     shaping_gamma: float = 0.1  # LUFFY's f(p) = p / (p + shaping_gamma)
+    entropy_coef: float = 0.0  # entropy bonus on the token mean of the policy's entropy (LUFFY: 0.001)
+    mask_truncated: bool = False  # leave completions that hit max_new_tokens without EOS out of the loss
+    is_correction: bool = False  # weight on-policy tokens by min(pi_old / pi_sampler, is_cap)
+    is_cap: float = 2.0  # the truncation of that importance weight
     max_new_tokens: int = 64  # rollout length limit
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted)
     max_solution_tokens: int = 8192  # longer teacher solutions are dropped (counted)
-    temperature: float = 1.0  # rollout temperature
+    temperature: float = 1.0  # rollout temperature; the trainer's log-probs are of logits / T
     eval_temperature: float = 0.6  # held-out evaluation temperature (paper: 0.6)
     eval_every: int = 20  # evaluate every this many steps (and before the first, and at the end)
     eval_problems: int = 200  # held-out problems per evaluation (0: all)
     max_steps: int = 200  # rollout batches, one optimizer step each (more with --mini_batches)
-    out_dir: str = "out"  # metrics.jsonl and checkpoints go here
+    out_dir: str = "out"  # metrics.jsonl, completions.jsonl and checkpoints go here
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     seed: int = 0  # everything random derives from it (per rank: seed + rank)
-    resume: bool = False  # continue from the last checkpoint in out_dir
+    resume: bool = False  # continue from the last good checkpoint in out_dir
+    overwrite: bool = False  # start over in an out_dir that holds a run (deletes its checkpoints)
+    report_to: str = "none"  # none | tensorboard | wandb | trackio (comma-separated); metrics.jsonl always
+    log_completions_every: int = 20  # append a few samples to completions.jsonl every this many steps (0: off)
     rollout: str = "auto"  # auto | hf | vllm: auto picks vLLM when CUDA and vllm are present
     vllm_gpu_memory: float = 0.35  # fraction of GPU memory vLLM may take when colocated
     vllm_sleep: bool = False  # put vLLM to sleep (level 1) during the training step
@@ -75,12 +91,54 @@ class Config:
     progress: bool = True  # tqdm bar
 
 
-def fail(msg, dist):
+# fields a resumed run may change (and says so); any other change would mix two experiments
+MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "max_steps", "eval_every", "save_every",
+                        "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
+                        "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
+                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack"}
+
+
+def problems_with(cfg, world):
+    """Every flag's bounds, in one place: the first violated one's message, or None."""
+    checks = [(cfg.method in hapo.METHODS, f"--method must be one of {sorted(hapo.METHODS)}"),
+              (cfg.gamma_schedule in SCHEDULES, f"--gamma_schedule must be one of {SCHEDULES}"),
+              (cfg.lr_schedule in ("constant", "linear", "cosine"), "--lr_schedule must be constant, linear or cosine"),
+              (cfg.loss_norm in ("token_mean", "constant"), "--loss_norm must be token_mean or constant"),
+              (cfg.rollout in ("auto", "hf", "vllm"), "--rollout must be auto, hf or vllm"),
+              (0 < cfg.gamma <= 1 and 0 < cfg.gamma_end <= 1, "--gamma and --gamma_end must be in (0, 1]"),
+              (cfg.group_size >= 2, "--group_size must be at least 2 (advantages need a group)"),
+              (cfg.batch_prompts >= 1 and cfg.max_steps >= 0, "--batch_prompts must be >= 1 and --max_steps >= 0"),
+              (cfg.mini_batches >= 1 and cfg.micro_batch >= 1, "--mini_batches and --micro_batch must be >= 1"),
+              (cfg.micro_batch_tokens >= 0 and (cfg.micro_batch_tokens or not cfg.pack),
+               "--micro_batch_tokens must be >= 0, and --pack needs it"),
+              (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.warmup_steps >= 0,
+               "--lr must be > 0, --weight_decay and --warmup_steps >= 0"),
+              (cfg.grad_clip > 0, "--grad_clip must be > 0 (a negative one would turn clipping into ascent)"),
+              (cfg.clip_eps > 0 and cfg.shaping_gamma > 0 and cfg.entropy_coef >= 0 and cfg.is_cap >= 1,
+               "--clip_eps and --shaping_gamma must be > 0, --entropy_coef >= 0, --is_cap >= 1"),
+              (min(cfg.max_new_tokens, cfg.max_prompt_tokens, cfg.max_solution_tokens, cfg.chunk_size) >= 1,
+               "--max_new_tokens, --max_prompt_tokens, --max_solution_tokens and --chunk_size must be >= 1"),
+              (cfg.temperature >= 0 and cfg.eval_temperature >= 0, "--temperature and --eval_temperature must be >= 0"),
+              (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval_every and --save_every must be >= 1"),
+              (cfg.eval_problems >= 0 and cfg.log_completions_every >= 0,
+               "--eval_problems and --log_completions_every must be >= 0"),
+              (0 < cfg.vllm_gpu_memory <= 1 and cfg.tensor_parallel >= 1,
+               "--vllm_gpu_memory must be in (0, 1] and --tensor_parallel >= 1"),
+              (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
+              (not os.path.isfile(cfg.out_dir), f"--out_dir '{cfg.out_dir}' is a file, not a directory"),
+              (cfg.batch_prompts % world == 0, f"--batch_prompts must be divisible by the {world} ranks"),
+              (world == 1 or cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # same mini-batches as 1 rank
+               f"--batch_prompts must be divisible by {world} ranks x {cfg.mini_batches} mini-batches"),
+              (world == 1 or world % cfg.tensor_parallel == 0, f"--tensor_parallel must divide the {world} ranks")]
+    return next((msg for ok, msg in checks if not ok), None) or tracking.check_trackers(cfg.report_to.split(","))
+
+
+def fail(msg, dist, code=2, kind="error: "):
     """A user error: one line on stderr (once, not once per rank) and exit code 2, never a traceback."""
     if dist.master:
-        print(f"train.py: error: {msg}", file=sys.stderr)
+        print(f"train.py: {kind}{msg}", file=sys.stderr, flush=True)
     parallel.close(dist)  # exit cleanly, not with an abort from gloo's threads
-    sys.exit(2)
+    sys.exit(code)
 
 
 def parse_args(argv, dist):
@@ -94,47 +152,36 @@ def parse_args(argv, dist):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
         p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
-    world = dist.world
-    checks = [(cfg.method in hapo.METHODS, f"--method must be one of {sorted(hapo.METHODS)}"),
-              (cfg.gamma_schedule in SCHEDULES, f"--gamma_schedule must be one of {SCHEDULES}"),
-              (cfg.rollout in ("auto", "hf", "vllm"), "--rollout must be auto, hf or vllm"),
-              (cfg.group_size >= 2, "--group_size must be at least 2 (advantages need a group)"),
-              (cfg.batch_prompts >= 1 and cfg.max_steps >= 0, "--batch_prompts and --max_steps must be positive"),
-              (cfg.mini_batches >= 1 and cfg.micro_batch >= 1, "--mini_batches and --micro_batch must be >= 1"),
-              (cfg.batch_prompts % world == 0, f"--batch_prompts must be divisible by the {world} ranks"),
-              (world == 1 or cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # same mini-batches as 1 rank
-               f"--batch_prompts must be divisible by {world} ranks x {cfg.mini_batches} mini-batches"),
-              (world == 1 or world % cfg.tensor_parallel == 0, f"--tensor_parallel must divide the {world} ranks")]
-    for ok, msg in checks:
-        if not ok:
-            p.error(msg)
+    if msg := problems_with(cfg, dist.world):
+        p.error(msg)
     return cfg
 
 
-# ----------------------------------------------------------------------------
-# data
-
-
-def load_data(cfg, tok):
-    """Train and held-out problems, tokenised; the teacher of each problem scored once (Eq. 4)."""
-    train, stats = data.load_problems(cfg.data, "train")
-    held_spec = cfg.eval_data or (cfg.data if cfg.data.startswith(task.BUILTIN) else "")
-    held = data.load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
-    enc, enc_stats = data.encode(tok, train, cfg.max_prompt_tokens, cfg.max_solution_tokens)
-    teacher_ok = [reward(e.solution, e.answer) for e in enc]
-    stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok)}
-    return enc, teacher_ok, held[:cfg.eval_problems or None], stats
-
-
-def prompt_batch(n_problems, cursor, size, seed):
-    """Indices of the next `size` problems: a fresh permutation each epoch, position = cursor."""
-    orders, out = {}, []  # one permutation per epoch the batch touches, not one per index
-    for c in range(cursor, cursor + size):
-        epoch, i = divmod(c, n_problems)
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(orders[epoch][i]))
-    return out
+def resume_from(cfg, dist, load_model):
+    """The newest readable checkpoint in out_dir: (path, model, tokenizer, state), falling back past
+    damaged ones with a line each; then the config checked against the checkpoint's."""
+    paths, problem = checkpoint.candidates(cfg.out_dir)
+    if problem and paths and dist.master:
+        print(f"train.py: warning: {problem}; trying the newest checkpoint directory, {paths[0]}", file=sys.stderr)
+    for path in paths:
+        try:
+            model, tok = load_model(path, dtype=torch.float32)
+            state = checkpoint.read_state(path, dist)
+        except (DataError, CheckpointError) as e:
+            if dist.master:
+                print(f"train.py: warning: cannot resume from {path} ({str(e).splitlines()[0][:300]}); "
+                      "trying the previous checkpoint", file=sys.stderr)
+            continue
+        old, new = state["config"], dataclasses.asdict(cfg)
+        mixed = [k for k in new if k not in MAY_CHANGE_ON_RESUME and k in old and old[k] != new[k]]
+        if mixed:
+            fail(f"--resume: {path} was trained with --{mixed[0]} {old[mixed[0]]}, not {new[mixed[0]]}: that would "
+                 "mix two experiments (use another --out_dir, or the same flag)", dist)
+        changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
+        if changed and dist.master:
+            print(f"resume: applying {', '.join(changed)}")
+        return path, model, tok, state
+    fail(f"--resume: no readable checkpoint in '{cfg.out_dir}'", dist)
 
 
 # ----------------------------------------------------------------------------
@@ -151,32 +198,33 @@ def main(argv=None):
     from models import load_model, resolve_model
     from rollout import make_engine, resolve_engine
 
-    start_dir = checkpoint.latest(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and start_dir is None:
-        fail(f"--resume: no checkpoint in '{cfg.out_dir}' (no '{os.path.join(cfg.out_dir, 'latest')}' file)", dist)
+    try:
+        lock = checkpoint.claim(cfg.out_dir, cfg.resume, cfg.overwrite) if dist.master else None
+    except CheckpointError as e:
+        fail(str(e), dist)
     torch.manual_seed(cfg.seed + dist.rank), random.seed(cfg.seed + dist.rank), np.random.seed(cfg.seed + dist.rank)
     try:
-        model_path = start_dir or resolve_model(cfg.model)
-        model, tok = load_model(model_path, dtype=torch.float32)
-        problems, teacher_ok, held, stats = load_data(cfg, tok)
+        start_dir, model, tok, state = resume_from(cfg, dist, load_model) if cfg.resume else \
+            (None, *load_model(resolve_model(cfg.model), dtype=torch.float32), None)
+        problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
+                                                              cfg.max_solution_tokens, cfg.eval_problems, reward)
         kind, why = resolve_engine(cfg.rollout)
     except (DataError, ImportError) as e:
         fail(str(e), dist)
     if dist.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
         print(f"data: {json.dumps(stats)}; held-out problems: {len(held)}")
         print(f"rollout engine: {kind} ({why})")
     # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
     # every rank would have to run the same forwards, so the HF engine samples from a full copy
     sampler = copy.deepcopy(model).to(dist.device) if dist.world > 1 and kind == "hf" else model
-    engine = make_engine(kind, sampler, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory, seed=cfg.seed,
-                         enable_sleep_mode=cfg.vllm_sleep, tensor_parallel_size=cfg.tensor_parallel,
-                         rank=dist.rank, world_size=dist.world)
+    engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
+                         gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
+                         tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world)
     # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
     # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
     tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
-    dp_rank, dp_world, N = dist.rank // tp, dist.world // tp, cfg.group_size
+    dp_rank, dp_world, n = dist.rank // tp, dist.world // tp, hapo.rollouts_per_group(cfg.method, cfg.group_size)
     model.to(dist.device)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable()  # non-reentrant, which FSDP2 composes with
@@ -184,82 +232,98 @@ def main(argv=None):
     if dist.world > 1:
         parallel.shard(policy, dist)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    step, cursor = 0, 0
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if start_dir:
-        try:
-            state = checkpoint.load_state(start_dir, model, opt, dist)
-        except ValueError as e:
-            fail(str(e), dist)
-        step, cursor = state["step"], state["cursor"]
-        if dist.master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-            keep = [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
-            open(metrics_path, "w").writelines(keep)
-    elif dist.master:
-        open(metrics_path, "w").close()
-
-    def log(row):
-        if dist.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
+    if state:
+        checkpoint.load_state(state, model, opt, dist)
+    for group in opt.param_groups:
+        group["weight_decay"] = cfg.weight_decay  # a resumed optimizer keeps its old one otherwise
+    log = tracking.Log(cfg.out_dir, dist.master, cfg.report_to.split(","), step if state else None,
+                       dataclasses.asdict(cfg))
+    for note in log.notes:
+        print(f"resume: {note}")
+    bad_steps, last_saved = 0, start_dir
 
     def run_eval(at):
         if not held:
-            return {}
+            return {}, []
         part = held[dp_rank::dp_world]
         r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * at)
-        return {"eval/accuracy": parallel.all_sum(dist, r["accuracy"] * len(part)) / tp / len(held)}
+        acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / tp / len(held)
+        return {"eval/accuracy": acc}, [{"step": at, "eval": True, **s} for s in r["samples"][:4]]
 
-    if step == 0:
-        log({"step": 0, **run_eval(0)})
-    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
-               disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        # 1. rollout: N samples for each of this rank's prompts (rollout.py)
-        idx = prompt_batch(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
-        cursor += cfg.batch_prompts
-        completions = engine.generate([problems[i].prompt_ids for i in idx], N, cfg.max_new_tokens, cfg.temperature)
-        if cfg.vllm_sleep:
-            engine.sleep()  # level 1: vLLM hands its memory back to the trainer
-        mine = [(i, completions[g * N:(g + 1) * N]) for g, i in enumerate(idx)][dist.rank % tp::tp]
-        # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
-        groups = [hapo.Group(problems[i].prompt_ids, resp,
-                             [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
-                             problems[i].solution_ids, teacher_ok[i]) for i, resp in mine]
-        # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
-        gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
-        opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
-        # 4. SSI: in each opened group the worst rollout becomes the verified teacher (Eq. 7)
-        trained = hapo.inject(groups, opened)
-        # 5. advantages, on the groups after SSI (Eq. 2)
-        adv = hapo.advantages(trained)  # [M, N]
-        # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
-        batch = hapo.pack(trained, adv, tok.pad_token_id).to(dist.device)
-        loss, grad_norm = update.optimize(policy, opt, batch, cfg, dist)
-        # 8. weight sync into the rollout engine
-        engine.sync_weights(model)
-        # 9. log
-        row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
-               "train/gamma": gamma, "train/loss": loss, "train/grad_norm": grad_norm}
-        gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp in mine for r in resp)))
-        dt = time.time() - t0
-        row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            row.update(run_eval(step + 1))
-        log(row)
-        if dist.master:
-            acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-            bar.write(f"step {step + 1:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
-                      f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | "
-                      f"zero-var {row['train/zero_var_frac']:.2f} | loss {loss:+.4f} | {dt:.2f}s{acc}")
-        # 10. checkpoint
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            checkpoint.save(cfg.out_dir, step + 1, model, tok, opt, dist,
-                            {"cursor": cursor, "config": dataclasses.asdict(cfg)})
+    def save(at):
+        try:
+            checkpoint.save(cfg.out_dir, at, model, tok, opt, dist, {"cursor": cursor, "config": dataclasses.asdict(cfg)})
+        except CheckpointError as e:
+            fail(str(e), dist, code=1)
+        return os.path.join(cfg.out_dir, f"step_{at:06d}")
+
+    with checkpoint.Preemption() as stop:  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit
+        if step == 0:
+            row, samples = run_eval(0)
+            log.metrics({"step": 0, **row}), log.completions(samples)
+        bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
+                   disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
+        for step in bar:
+            t0 = time.time()
+            # 1. rollout: n samples for each of this rank's prompts (rollout.py)
+            idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
+            cursor += cfg.batch_prompts
+            completions = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens, cfg.temperature)
+            if cfg.vllm_sleep:
+                engine.sleep()  # level 1: vLLM hands its memory back to the trainer
+            mine = [(i, completions[g * n:(g + 1) * n]) for g, i in enumerate(idx)][dist.rank % tp::tp]
+            # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
+            groups = [hapo.Group(problems[i].prompt_ids, resp,
+                                 [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
+                                 problems[i].solution_ids, teacher_ok[i],
+                                 truncated=[len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp])
+                      for i, resp in mine]
+            # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
+            gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
+            opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
+            # 4. SSI: in each opened group the worst rollout becomes the verified teacher (Eq. 7)
+            trained = hapo.inject(groups, opened, cfg.method)
+            # 5. advantages, on the groups after SSI (Eq. 2)
+            adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
+            # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
+            batch = hapo.pack(trained, adv, tok.pad_token_id, cfg.mask_truncated).to(dist.device)
+            result = update.optimize(policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))
+            # 8. weight sync into the rollout engine
+            engine.sync_weights(model)
+            # 9. log
+            row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
+                   "train/gamma": gamma, "train/lr": opt.param_groups[0]["lr"], **result}
+            gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp in mine for r in resp)))
+            dt = time.time() - t0
+            row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
+            samples = []
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+                evaluated, samples = run_eval(step + 1)
+                row.update(evaluated)
+            if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+                samples = tracking.train_samples(trained[:2], tok, step + 1) + samples
+            log.metrics(row), log.completions(samples)
+            if dist.master:
+                acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
+                bar.write(f"step {step + 1:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
+                          f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | "
+                          f"zero-var {row['train/zero_var_frac']:.2f} | loss {row['train/loss']:+.4f} | {dt:.2f}s{acc}")
+            # 10. checkpoint, and the two ways a run stops early: non-finite updates, or a signal
+            bad_steps = bad_steps + 1 if result["train/skipped_updates"] == cfg.mini_batches else 0
+            if bad_steps >= 3:
+                fail(f"step {step + 1}: the loss or gradient was not finite for {bad_steps} steps in a row (their updates "
+                     f"were skipped); the last good checkpoint is {last_saved or 'none'}: lower --lr and --resume", dist, 1)
+            signum = int(parallel.all_max(dist, float(stop.signum or 0)))  # every rank stops at the same step
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signum:
+                last_saved = save(step + 1)
+            if signum:
+                fail(f"stopped by {stop.name(signum)} after step {step + 1}; checkpoint {last_saved}; continue with "
+                     "--resume", dist, 128 + signum, kind="")
+    log.close()
     parallel.close(dist)
+    lock and lock.close()
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def main(argv=None):
         if args.variant == "teacher_only":
             batch.advantages = torch.where(batch.teacher, batch.advantages, 0.0)  # [B]
         model.train()
-        loss = hapo.batch_loss(model, batch, "hapo", float(batch.num_tokens()))
+        loss, _ = hapo.batch_loss(model, batch, "hapo", float(batch.num_tokens()))
         opt.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

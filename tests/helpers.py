@@ -60,5 +60,5 @@ def run_train(*args, **kw):
 def build_batch(groups, method, gamma, pad_id=0):
     """Stages 3-5 and the packing, as train.py runs them: groups -> Batch."""
     import hapo
-    trained = hapo.inject(groups, hapo.gate_groups(groups, method, gamma)[0])
+    trained = hapo.inject(groups, hapo.gate_groups(groups, method, gamma)[0], method)
     return hapo.pack(trained, hapo.advantages(trained), pad_id)

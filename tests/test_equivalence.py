@@ -10,10 +10,12 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import update
 from hapo import Group, batch_loss
 from loss import hidden_logprobs, token_logprobs
 from tests.helpers import DRIVERS, ROOT, TORCHRUN, TRAIN_SMALL, build_batch, metrics, run, tiny_qwen2
@@ -30,23 +32,71 @@ def _toy_groups(vocab, n_groups=3, n=4, seed=0):
     return groups
 
 
+@pytest.mark.parametrize("split", ["rows", "token_budget", "packed"])
 @pytest.mark.parametrize("method", ["hapo", "srft"])
-def test_micro_batches_equal_whole_batch(method):
+def test_micro_batches_equal_whole_batch(method, split):
+    """Eq. 8's global normaliser makes the loss and its gradient independent of the split: runs of
+    5 rows, rows sorted by length and cut under a 40-token budget (uneven), or those packed into
+    one row each with no padding at all."""
     model = tiny_qwen2(seed=1).double()
     batch = build_batch(_toy_groups(40), method, 0.8)
     n_tok = batch.num_tokens()
-    whole = batch_loss(model, batch, method, n_tok)
+    whole, _ = batch_loss(model, batch, method, n_tok)
     whole.backward()
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    cfg = SimpleNamespace(mini_batches=1, micro_batch=5, micro_batch_tokens=0 if split == "rows" else 40,
+                          pack=split == "packed")
+    micros = update.micro_batches(batch, cfg)[0]
+    assert len(micros) >= 3 and sum(mb.rows() for mb in micros) == len(batch)
+    if split != "rows":
+        assert len({mb.rows() for mb in micros}) > 1  # uneven
+    if split == "packed":
+        assert all(len(mb) == 1 for mb in micros)
+        assert sum(mb.input_ids.shape[1] for mb in micros) == int(batch.attention_mask.sum())  # no padding
     total = 0.0
-    for i in range(0, len(batch), 5):  # uneven micro-batches of 5, 5, 2 trajectories
-        part = batch_loss(model, batch.slice(i, i + 5), method, n_tok)
+    for mb in micros:
+        part, _ = batch_loss(model, mb, method, n_tok)
         part.backward()
         total += part.item()
-    assert total == pytest.approx(whole.item(), abs=1e-6)
+    assert total == pytest.approx(whole.item(), abs=1e-9)
     for a, b in zip(ref, (p.grad for p in model.parameters())):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_first_of_several_updates_has_ratio_exactly_one():
+    """pi_old is computed on the same micro-batches, at the same precision and temperature, as the
+    loss: with lr 0 every update's ratio is exactly 1 (no spurious clipping)."""
+    from tests.test_options import _cfg
+    from parallel import Dist, Policy
+    model = tiny_qwen2(seed=2)
+    batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    for kw in ({}, {"micro_batch": 3}, {"micro_batch_tokens": 30}, {"micro_batch_tokens": 30, "pack": True},
+               {"temperature": 0.7}):
+        m = update.optimize(Policy(model), opt, batch, _cfg(mini_batches=2, **kw), Dist(), lr=0.0)
+        assert (m["train/ratio_mean"], m["train/ratio_max"], m["train/clip_frac"]) == (1.0, 1.0, 0.0), kw
+
+
+def test_fused_logprobs_gradient_equals_autograd_fp32_and_bf16():
+    """loss._FusedLogprobs against autograd through log_softmax, for log-probs and entropy."""
+    torch.manual_seed(0)
+    B, T, H, V = 3, 37, 16, 301
+    targets = torch.randint(0, V, (B, T))
+    a, b = torch.randn(B, T), torch.randn(B, T)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        hidden = torch.randn(B, T, H, dtype=dtype, requires_grad=True)
+        weight = (0.3 * torch.randn(V, H)).to(dtype).requires_grad_()
+        logp, ent = hidden_logprobs(hidden, weight, targets, chunk_size=16, entropy=True)
+        got = torch.autograd.grad((logp * a + ent * b).sum(), (hidden, weight))
+        logits = (hidden @ weight.t()).float()
+        ref_lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        ref_ent = torch.distributions.Categorical(logits=logits).entropy()
+        want = torch.autograd.grad((ref_lp * a + ref_ent * b).sum(), (hidden, weight))
+        assert torch.allclose(logp, ref_lp, atol=tol, rtol=tol) and torch.allclose(ent, ref_ent, atol=tol, rtol=tol)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            assert (g.float() - w.float()).abs().max() <= tol * max(1.0, w.float().abs().max()), dtype
 
 
 def test_chunked_logprobs_equal_log_softmax():
@@ -98,7 +148,7 @@ def test_two_ranks_step_equals_one_process(tmp_path):
     run([sys.executable, driver, str(one)], tmp_path)
     run(TORCHRUN + [driver, str(two)], tmp_path)
     one, two = json.loads(one.read_text()), json.loads(two.read_text())
-    assert one.keys() == two.keys() == {"micro", "mini"}
+    assert one.keys() == two.keys() == {"micro", "mini", "packed"}
     for name in one:
         losses = [r["train/loss"] for r in one[name]]
         assert len(set(losses)) == 3, (name, losses)  # the weights moved: later steps test the optimizer too
@@ -135,8 +185,8 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     from transformers import AutoModelForCausalLM
     import tiny
     ckpt = os.path.join(a, open(os.path.join(a, "latest")).read().strip())
-    assert ckpt.endswith("step_000004") and sorted(os.listdir(a)) == ["latest", "metrics.jsonl", "step_000002",
-                                                                       "step_000004"]
+    assert ckpt.endswith("step_000004") and sorted(os.listdir(a)) == ["completions.jsonl", "latest", "lock",
+                                                                       "metrics.jsonl", "step_000002", "step_000004"]
     saved = AutoModelForCausalLM.from_pretrained(ckpt)
     init = tiny.make_model(tiny.make_tokenizer())
     assert saved.state_dict().keys() == init.state_dict().keys()

@@ -20,10 +20,11 @@ import tiny  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
 
-SETTINGS = {  # uneven micro-batches; two optimizer mini-batches (pi_old frozen). Activation checkpointing
-    # is left out: under gloo on 2 busy cores a rank aborted at teardown in 2 of ~8 runs.
+SETTINGS = {  # uneven micro-batches; two optimizer mini-batches (pi_old frozen); token budgets, packed.
+    # Activation checkpointing is left out: under gloo on 2 busy cores a rank aborted at teardown in 2 of ~8 runs.
     "micro": ["--micro_batch", "3"],
     "mini": ["--micro_batch", "3", "--mini_batches", "2"],
+    "packed": ["--micro_batch_tokens", "120", "--pack", "--mini_batches", "2", "--entropy_coef", "0.01"],
 }
 dist = parallel.init()
 tok = tiny.make_tokenizer()
@@ -57,9 +58,8 @@ for name, extra in SETTINGS.items():
         opened, conf = hapo.gate_groups(groups, cfg.method, 0.8)
         trained = hapo.inject(groups, opened)
         batch = hapo.pack(trained, hapo.advantages(trained), tok.pad_token_id).to(dist.device)
-        loss, grad_norm = update.optimize(policy, opt, batch, cfg, dist)
-        rows.append({**parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
-                     "train/loss": loss, "train/grad_norm": grad_norm})
+        result = update.optimize(policy, opt, batch, cfg, dist, lr=cfg.lr)
+        rows.append({**parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)), **result})
     out[name] = rows
 if dist.master:
     json.dump(out, open(sys.argv[1], "w"))
