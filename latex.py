@@ -291,14 +291,14 @@ _SET_OPS = {"\\cup": "Union", "\\cap": "Intersection", "\\setminus": "Complement
 
 
 def set_source(s):
-    """A set of reals (intervals, \\{..\\}, x != a, {x | ...} joined by \\cup, \\cap, \\setminus) as sympy source."""
-    s = re.sub(r"^\\\{[a-z](?:\\in\(-\\infty,\\infty\))?[|:](.*)\\\}$", r"\1", s)  # {x | x != 3}
+    """A set of reals (intervals, \\{..\\}, x ≠ a, {x | ...} joined by \\cup, \\cap, \\setminus) as sympy source."""
+    s = re.sub(r"^\\\{[a-z](?:\\in\(-\\infty,\\infty\))?[|:](.*)\\\}$", r"\1", s)  # {x | x ≠ 3}
     src, op = None, "Union"
     for tok in re.split(r"(\\cup|\\cap|\\setminus|\\backslash|(?<=[)\]}])-(?=\\\{))", s):
         if tok in _SET_OPS:
             op = _SET_OPS[tok]
             continue
-        tok, m = interval(tok), re.fullmatch(r"[a-z]!=(.+)", tok)
+        tok, m = interval(tok), re.fullmatch(r"[a-z]≠(.+)", tok)
         if m:
             tok = "(-\\infty,\\infty)"
         if tok[:1] in "([" and tok[-1:] in ")]" and len(split_top(tok[1:-1])[0]) == 2:

@@ -62,7 +62,7 @@ _REPLACE = [  # substring -> replacement, in this order
     ("\\emptyset", "∅"), ("\\varnothing", "∅"), ("\\{\\}", "∅"),
 ]
 _INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="),
-         ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "!="), ("\\ne", "!=")]
+         ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"), ("\\ne", "≠")]
 _STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm)\s*\{([^{}]*)\}")
 _UNITS = {"cm", "mm", "km", "m", "in", "ft", "inch", "inches", "feet", "foot", "yd", "yards", "miles",
           "meter", "meters", "units", "unit", "sq", "degrees", "degree", "dollars", "cents", "hours",
@@ -193,7 +193,7 @@ def _sides(s):
         depth += (c in "([{") - (c in ")]}")
         if depth == 0 and c == ",":
             return [s]
-        if depth == 0 and c == "=" and s[k - 1:k] not in ("<", ">", "!"):
+        if depth == 0 and c == "=" and s[k - 1:k] not in ("<", ">"):
             parts, start = parts + [s[start:k]], k + 1
     return parts + [s[start:]]
 
@@ -314,7 +314,7 @@ def _equiv(pred, gold, deadline):
         g = re.sub(r"^\([A-E]\)", "", g)
     if _value_equal(p, g, deadline):
         return True
-    return bool(re.search(r"\\cup|\\cap|\\setminus|\\backslash|!=|[)\]}]-\\\{", p + g)) and _set_equal(p, g, deadline)
+    return bool(re.search(r"\\cup|\\cap|\\setminus|\\backslash|≠|[)\]}]-\\\{", p + g)) and _set_equal(p, g, deadline)
 
 
 def reward(completion: str, answer: str, checker: str = "hapo") -> float:
