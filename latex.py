@@ -262,18 +262,26 @@ _UNIT_WORDS = {w: u for u, ws in {
     "cent": "", "mph": "", "rad": "radian"}.items() for w in [u, *ws.split()]}
 
 
+_POWERS = {"square": "^2", "sq": "^2", "sq.": "^2", "squared": "^2", "cubic": "^3", "cubed": "^3"}
+
+
+def _unit(t):
+    """One unit (cm, sq ft, m^2, km/h, miles per hour) in canonical form; None for any other words."""
+    out = []
+    for part in re.split(r"\s*/\s*|\s+per\s+", t.strip(" ~").lower()):
+        m = re.fullmatch(r"(square|sq\.?|cubic)?\s*([a-z]+)\s*(?:\^\s*\{?([23])\}?|(squared|cubed))?", part)
+        word = m and (_UNIT_WORDS.get(m[2]) or m[2].endswith("s") and _UNIT_WORDS.get(m[2][:-1]))
+        if not word:
+            return None
+        out.append(word + _POWERS.get(m[1] or m[4], m[3] and "^" + m[3] or ""))
+    return "/".join(out)
+
+
 def units(s):
     """The units an answer names (\\text{ cm}, \\mathrm{kg}, 5 meters, \\$), canonical; other words name none."""
-    found = {"$"} if "\\$" in s or "dollar" in s else set()
     texts = [m[1] + (m[2] or "") for m in _TEXT.finditer(s)]
-    texts += re.findall(r"\d\s*([A-Za-z]+(?:\s*\^\s*\{?[23]\}?)?)\s*\.?\s*\$?$", s.replace("$", ""))
-    for t in texts:
-        m = re.fullmatch(r"(square|sq\.?|cubic)?\s*([a-z]+)\s*(?:\^\s*\{?([23])\}?|(squared|cubed))?", t.strip(" ~").lower())
-        unit = m and (_UNIT_WORDS.get(m[2]) or _UNIT_WORDS.get(m[2][:-1] if m[2].endswith("s") else None))
-        if unit:
-            found.add(unit + {"square": "^2", "sq": "^2", "sq.": "^2", "squared": "^2", "cubic": "^3",
-                              "cubed": "^3"}.get(m[1] or m[4], m[3] and "^" + m[3] or ""))
-    return found
+    texts += re.findall(r"\d\s*([A-Za-z]+(?:/[A-Za-z]+)?(?:\s*\^\s*\{?[23]\}?)?)\s*\.?\s*$", s.replace("$", ""))
+    return {u for u in map(_unit, texts) if u} | ({"$"} if "\\$" in s or "dollar" in s else set())
 
 
 def interval(s):

@@ -280,7 +280,7 @@ def _scalar_equal(p, g, deadline):
     pe, ge = to_python(p), to_python(g)
     if pe is None or ge is None or not (names(pe) <= names(ge) or names(ge) <= names(pe)):
         return False  # 2\pi r is not 2\pi R; but \sin^2 x + \cos^2 x may well be 1
-    return any(sympy_equal(f"({pe})*{s}", f"({ge})", places, deadline) for s in scales)
+    return any(sympy_equal(f"({pe})*{s}" if s != 1 else pe, ge, places, deadline) for s in scales)
 
 
 # ---------------------------------------------------------------------------- the reward

@@ -72,22 +72,51 @@ def _parse(src, sp):
     """parse_expr of to_python's source, refusing what would be too large to evaluate."""
     from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, implicit_multiplication,
                                             rationalize)
-    local = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "root": sp.root, "e": sp.E, "i": sp.I,
+    local = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "e": sp.E, "i": sp.I,
+             "root": lambda x, n: sp.real_root(x, n) if x.is_number else sp.root(x, n),  # \\sqrt[3]{-8} is -2
              "Sum": lambda v, lo, hi, body: sp.Sum(body, (v, lo, hi)),
              "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi))}
     kw = dict(local_dict=local | {n: sp.Symbol(n) for n in names(src) | bound(src)},
               transformations=standard_transformations + (implicit_multiplication, rationalize))
-    if _digits(parse_expr(src, evaluate=False, **kw)) > MAX_DIGITS:
-        raise ValueError("too large to evaluate")
+    e = parse_expr(src, evaluate=False, **kw)
+    if _digits(e) > MAX_DIGITS:
+        raise _TooLarge(e)
     e = parse_expr(src, **kw)
     return e.doit() if e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
+
+
+class _TooLarge(ValueError):
+    """A value too large to evaluate; args[0] is it, unevaluated."""
+
+
+def _huge_equal(a, b, sp):
+    """b^x == c^y for values too large to compute: b and c powers of one integer r > 1, and the
+    exponents equal once written over r (2^{2^{16}} == 4^{2^{15}}, 3^{3^{27}} == 3^{7625597484987})."""
+    if not (a.is_Pow and b.is_Pow and all(x.base.is_Integer and x.base > 1 for x in (a, b))):
+        return False
+    (r, k), (s, m) = (sp.perfect_power(x.base) or (x.base, 1) for x in (a, b))
+    x, y = sp.Mul(k, a.exp, evaluate=False), sp.Mul(m, b.exp, evaluate=False)
+    if r != s:
+        return False
+    if max(_digits(x), _digits(y)) <= MAX_DIGITS:
+        return x.doit() == y.doit()
+    return k == m and _huge_equal(a.exp, b.exp, sp)
 
 
 def _sympy_check(mode, a_src, b_src, places):
     """Is expr(a) == expr(b) (mode "equal"), is a = 0 the equation b = 0 ("ratio"), or are the sets of
     reals a and b equal ("set")? Runs in the worker, where a hang costs a restart rather than a run."""
     import sympy as sp
-    a, b = _parse(a_src, sp), _parse(b_src, sp)
+    try:
+        a, b = _parse(a_src, sp), _parse(b_src, sp)
+    except _TooLarge:
+        parsed = []
+        for src in (a_src, b_src):
+            try:
+                parsed.append(_parse(src, sp))
+            except _TooLarge as e:
+                parsed.append(e.args[0])
+        return mode == "equal" and _huge_equal(*parsed, sp)
     if mode == "set":
         return a == b or sp.Complement(a, b) == sp.S.EmptySet == sp.Complement(b, a)
     if mode == "ratio":  # clear denominators, then a/b must be one nonzero constant everywhere
