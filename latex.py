@@ -33,23 +33,25 @@ def unicode_tex(s):
     """Unicode maths as LaTeX: vulgar fractions (2½ is 5/2), super- and subscripts, set and relation signs."""
     if s.isascii():
         return s
-    out, last = "", None
+    out, last = [], None  # one item per input character, so looking back is cheap
     for c in s:
         d = unicodedata.decomposition(c).split()
         kind = d[0] if d[:1] in (["<super>"], ["<sub>"]) else None
         if d[:1] == ["<fraction>"] and "2044" in d[2:-1]:  # '<fraction> 0031 2044 0032' is 1/2
             k = d.index("2044")
             num, den = (int("".join(chr(int(h, 16)) for h in part)) for part in (d[1:k], d[k + 1:]))
-            whole = re.search(r"\d+ ?$", out)  # 2½ is a mixed number, 5/2
-            out = out[:whole.start()] if whole else out
-            out += f"\\frac{{{int(whole.group()) * den + num if whole else num}}}{{{den}}}"
+            j = len(out) - (out[-1:] == [" "])
+            while j > 0 and out[j - 1].isdigit() and len(out) - j < 20:  # 2½ is a mixed number, 5/2
+                j -= 1
+            whole = "".join(out[j:]).strip()
+            out[j:] = [f"\\frac{{{int(whole or 0) * den + num}}}{{{den}}}"]
         elif kind:  # a run such as x¹⁰ or a_ₙ becomes one ^{..} or _{..}
             ch = chr(int(d[1], 16)).replace("\u2212", "-")
-            out = out[:-1] + ch + "}" if kind == last else out + ("^{" if kind == "<super>" else "_{") + ch + "}"
+            out[-1:] = [out[-1][:-1] + ch + "}"] if kind == last else out[-1:] + [("^{" if kind == "<super>" else "_{") + ch + "}"]
         else:
-            out += _SYMBOLS.get(c, c)
+            out.append(_SYMBOLS.get(c, c))
         last = kind
-    return out
+    return "".join(out)
 
 
 def over_to_frac(s):

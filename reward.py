@@ -219,8 +219,8 @@ def _value_equal(p, g, deadline):
     P, G = _sides(head), _sides(g.partition("\\approx")[0])
     if len(P) == len(G) == 2 and _equation_equal(P, G, deadline):
         return True
-    if len(G) > 1 and not all(_LABEL.fullmatch(x) for x in G[:-1]):
-        return False  # the gold is an equation, and p is not the same one
+    if len(G) > 1 and not all(_LABEL.fullmatch(x) or not _letters(x) for x in G[:-1]):
+        return False  # the gold is an equation (not a label or a chain of values), and p is not the same one
     label, g = "=".join(G[:-1]), G[-1]
     if len(P) == 1 and not tail:
         return _struct_equal(_parse(_by_name(P[0], label)), _parse(g), deadline)
