@@ -261,7 +261,7 @@ _UNIT_WORDS = {w: u for u, ws in {
     "in": "inch inches", "ft": "foot feet", "yd": "yard", "mi": "mile", "mg": "milligram", "g": "gram gm",
     "kg": "kilogram", "lb": "lbs pound", "oz": "ounce", "s": "sec second", "min": "minute mins", "h": "hr hrs hour",
     "day": "", "week": "wk", "year": "yr", "ml": "milliliter millilitre", "l": "liter litre", "$": "dollar",
-    "cent": "", "mph": "", "rad": "radian"}.items() for w in [u, *ws.split()]}
+    "cent": "", "rad": "radian", "mi/h": "mph", "km/h": "kph"}.items() for w in [u, *ws.split()]}
 
 
 _POWERS = {"square": "^2", "sq": "^2", "sq.": "^2", "squared": "^2", "cubic": "^3", "cubed": "^3"}
@@ -293,7 +293,14 @@ def interval(s):
         return "[("[m[2] == "<"] + m[1] + "," + m[4] + "])"[m[3] == "<"]
     m = re.fullmatch(r"[a-z](<=?|>=?)([^<>=]+)", s)
     ends = {"<": "(-\\infty,{})", "<=": "(-\\infty,{}]", ">": "({},\\infty)", ">=": "[{},\\infty)"}
-    return ends[m[1]].format(m[2]) if m else s
+    if m:
+        return ends[m[1]].format(m[2])
+    m = re.fullmatch(r"\|[a-z]([+-][^|<>=]+)?\|(<=?|>=?)([^<>=]+)", s)  # |x - c| < r: from c - r to c + r
+    if not m:
+        return s
+    lo, hi = f"-({m[1] or 0})-({m[3]})", f"-({m[1] or 0})+({m[3]})"
+    return {"<": f"({lo},{hi})", "<=": f"[{lo},{hi}]", ">": f"(-\\infty,{lo})\\cup({hi},\\infty)",
+            ">=": f"(-\\infty,{lo}]\\cup[{hi},\\infty)"}[m[2]]
 
 
 _SET_OPS = {"\\cup": "Union", "\\cap": "Intersection", "\\setminus": "Complement", "\\backslash": "Complement",
@@ -315,7 +322,8 @@ def set_source(s):
             ends = [to_python(x) for x in split_top(tok[1:-1])[0]]
             part = f"Interval({ends[0]},{ends[1]},{tok[0] == '('},{tok[-1] == ')'})" if None not in ends else None
         elif tok.startswith("\\{") and tok.endswith("\\}") or tok == "∅":
-            items = [to_python(x) for x in split_top(tok[2:-2])[0] if x] if tok != "∅" else []
+            items = [to_python(y) for x in split_top(tok[2:-2])[0] if x for y in  # \\{\\pm 2\\} is {2, -2}
+                     ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if "\\pm" in x else (x,))] if tok != "∅" else []
             part = f"FiniteSet({','.join(items)})" if None not in items else None
         else:
             return None

@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, set_source, split_top, to_python,
                    unicode_tex, units, unnest)
-from symbolic import STARTUP_TIMEOUT, check_checker, math_verify_equal, sympy_equal, terminates, warm_spare
+from symbolic import STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal, terminates, warm_spare
 
 TIME_BUDGET = 1.0  # seconds of sympy work per reward() call
 MAX_LEN = 1000  # longer answers are compared as strings only: no real answer is this long
@@ -53,7 +53,7 @@ def extract_boxed(text):
 # ---------------------------------------------------------------------------- normalisation
 
 _REPLACE = [  # substring -> replacement, in this order
-    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\displaystyle", ""), ("\\limits", ""),
+    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\limits", ""),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""), ("\\$", ""),
     ("$", ""), ("\\%", "%"), ("{,}", ","), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"),
     ("\\rvert", "|"), ("\\vert", "|"), ("\\mid", "|"), ("\\qquad", ","), ("\\quad", ","), ("\\lor", ","),
@@ -289,7 +289,7 @@ def _scalar_equal(p, g, deadline):
 def is_equiv(pred, gold):
     """Is the answer string pred equivalent to the gold answer string? Never raises (rules: module docstring)."""
     try:
-        deadline = time.monotonic() + TIME_BUDGET
+        deadline = Deadline(TIME_BUDGET)
         return isinstance(pred, str) and isinstance(gold, str) and _equiv(pred, gold, deadline)
     except Exception:  # malformed input of any kind (even nesting deep enough to recurse) is a wrong answer
         return False
@@ -326,7 +326,7 @@ def reward(completion: str, answer: str, checker: str = "hapo") -> float:
         warm_spare(first=True)
         if checker == "math_verify":
             ok = isinstance(completion, str) and isinstance(answer, str) and \
-                math_verify_equal(completion, answer, time.monotonic() + TIME_BUDGET)
+                math_verify_equal(completion, answer, Deadline(TIME_BUDGET))
             return float(ok)
         return float(is_equiv(extract_boxed(completion), answer))
     except Exception:  # nothing about one completion may stop a training run

@@ -193,16 +193,18 @@ class _Worker:
         line, self.buf = self.buf.split(b"\n", 1)
         return line.decode()
 
-    def ask(self, request, timeout, needs=()):
+    def ask(self, request, deadline, needs=()):
+        t = time.monotonic()
         self.ready = self.ready or self.readline(STARTUP_TIMEOUT) == "ready"
-        for module in sorted(set(needs) - self.loaded):  # an import is start-up, outside the budget
+        for module in sorted(set(needs) - self.loaded):  # an import is start-up too
             self.proc.stdin.write(json.dumps(["load", module]).encode() + b"\n")
             if not self.ready or self.readline(STARTUP_TIMEOUT) != "1":
                 return None
             self.loaded.add(module)
+        deadline.end += time.monotonic() - t  # start-up is outside the budget, for the whole call
         if self.ready:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            return self.readline(timeout)
+            return self.readline(deadline.end - time.monotonic())
 
     def kill(self):
         _live.discard(self)
@@ -253,20 +255,29 @@ def warm_spare(first=False):
                 pass  # no interpreter to start: the sympy path will answer False
 
 
+class Deadline:
+    """When one reward call's sympy budget runs out; time spent waiting for a worker to start is added back."""
+
+    def __init__(self, seconds):
+        self.end = time.monotonic() + seconds
+
+
 def _ask(request, deadline, needs=()):
-    """One request to a worker, with a hard deadline; False when it cannot answer in time."""
+    """One request to a worker, with a hard deadline (a Deadline, or a time.monotonic() value); False
+    when it cannot answer in time."""
+    deadline = deadline if isinstance(deadline, Deadline) else Deadline(deadline - time.monotonic())
     key = tuple(request) if sum(map(len, map(str, request))) < 2000 else \
         hashlib.blake2b(json.dumps(request).encode()).digest()  # long completions: keep the cache small
     if (hit := _cache.get(key)) is not None:  # .get: another thread may be clearing it
         return hit
-    if deadline - time.monotonic() < 0.05:
+    if deadline.end - time.monotonic() < 0.05:
         return False  # too little time left to be worth a restart
     with _lock:
         w = _idle.pop() if _idle else None
     warm_spare()
     try:
         w = w or _Worker()
-        answer = w.ask(request, deadline - time.monotonic(), needs)
+        answer = w.ask(request, deadline, needs)
     except OSError:  # a broken pipe, or no interpreter to start
         answer = None
     if answer is None:  # it overran (or died): kill it; the spare takes over

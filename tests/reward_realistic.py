@@ -262,6 +262,53 @@ SECOND = [  # written and labelled before the checker was run on them: the first
     ("units", "10 \\text{ km/h}", "10\\text{ km/h}", 1), ("units", "10 \\text{ m/s}", "10\\text{ km/h}", 0),
 ]
 
+THIRD = [  # a third batch, also labelled before the checker saw it, weighted to ordinary answers
+    ("plain", "\\frac{16}{3}", "5\\frac{1}{3}", 1), ("plain", "5.33", "\\frac{16}{3}", 0), ("plain", "\\frac{16}{3}", "5.33", 1),
+    ("plain", "-\\sqrt{3}", "-\\sqrt3", 1), ("plain", "\\sqrt{3} - 2", "-(2-\\sqrt{3})", 1), ("plain", "2 - \\sqrt{3}", "\\sqrt{3} - 2", 0),
+    ("plain", "\\frac{1}{4}\\pi", "\\frac{\\pi}{4}", 1), ("plain", "0.25\\pi", "\\frac{\\pi}{4}", 1),
+    ("plain", "\\frac{\\pi}{4} + 1", "\\frac{\\pi+4}{4}", 1), ("plain", "x^{2} + 1", "x^2+1", 1), ("plain", "x^{2}+2", "x^2+1", 0),
+    ("plain", "(x+2)(x-2)", "x^2-4", 1), ("plain", "(x+2)^2", "x^2-4", 0), ("plain", "\\dfrac{x}{x+1}", "1 - \\frac{1}{x+1}", 1),
+    ("plain", "1 + \\frac{1}{x+1}", "\\frac{x}{x+1}", 0), ("plain", "12.0", "12", 1), ("plain", "12.01", "12", 0),
+    ("plain", "0.0625", "\\frac{1}{16}", 1), ("plain", "6.25\\%", "\\frac{1}{16}", 1), ("plain", "2\\,\\text{m}", "2", 1),
+    ("plain", "\\text{Thursday}", "\\text{thursday}", 1), ("plain", "40 \\text{ degrees}", "40", 1), ("plain", "\\$ 3.75", "3.75", 1),
+    ("plain", "3.57", "3.75", 0), ("plain", "(0, -3)", "(0,-3)", 1), ("plain", "(0,3)", "(0,-3)", 0),
+    ("plain", "\\left(2, \\frac{3}{2}\\right)", "(2, 1.5)", 1), ("plain", "\\left[ 0, \\frac{\\pi}{2} \\right]", "[0,\\frac{\\pi}{2}]", 1),
+    ("plain", "\\left( 0, \\frac{\\pi}{2} \\right]", "[0,\\frac{\\pi}{2}]", 0), ("plain", "\\{-2, 0, 2\\}", "\\{0, 2, -2\\}", 1),
+    ("plain", "-2, 0, 2", "\\{0, \\pm 2\\}", 1), ("plain", "10^{-3}", "0.001", 1), ("plain", "1 \\times 10^{-3}", "0.001", 1),
+    ("plain", "10^{3}", "0.001", 0), ("plain", "\\infty", "+\\infty", 1), ("plain", "\\text{D}", "D", 1),
+    ("plain", "\\textbf{(D)}\\ 15", "D", 1), ("plain", "(D) 15", "(D) 15", 1), ("plain", "15", "\\textbf{(D) } 15", 1),
+    ("plain", "3!", "6", 1), ("plain", "\\binom{10}{5}", "252", 1), ("plain", "\\dbinom{10}{5}", "252", 1),
+    ("plain", "\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", 1), ("plain", "\\sqrt{\\frac{1}{2}}", "\\frac{\\sqrt{2}}{2}", 1),
+    ("plain", "\\frac{3+\\sqrt{5}}{2}", "\\frac{3 + \\sqrt5}{2}", 1), ("plain", "\\frac{3-\\sqrt{5}}{2}", "\\frac{3 + \\sqrt5}{2}", 0),
+    ("plain", "|x-1|", "|1-x|", 1), ("plain", "|x+1|", "|1-x|", 0), ("plain", "\\lfloor 3.7 \\rfloor", "3", 1),
+    ("plain", "\\lceil 3.2 \\rceil", "4", 1), ("plain", "x \\in [1, 3]", "[1,3]", 1), ("plain", "1 \\le x \\le 3", "[1,3]", 1),
+    ("plain", "1 < x \\le 3", "[1,3]", 0), ("plain", "-1 < x < 1", "(-1,1)", 1), ("plain", "|x| < 1", "(-1,1)", 1),
+    ("chain", "\\frac{100}{8} = 12.5", "12.5", 1), ("chain", "\\frac{100}{8} = 12.5", "\\frac{25}{2}", 1),
+    ("chain", "2^3 \\cdot 3 = 24", "24", 1), ("chain", "2^3 \\cdot 3 = 24", "18", 0), ("chain", "\\sqrt{16} = 4", "4", 1),
+    ("chain", "x = \\sqrt{16} = 4", "4", 1), ("chain", "x = \\sqrt{16} = \\pm 4", "4", 0),
+    ("label", "(m, n) = (5, 12)", "(5,12)", 1), ("label", "m = 5, n = 12", "(m,n)=(5,12)", 1),
+    ("label", "n = 12, m = 5", "(m,n)=(5,12)", 1), ("label", "m = 12, n = 5", "(m,n)=(5,12)", 0), ("label", "a+b = 7", "7", 1),
+    ("label", "a+b = 8", "7", 0), ("label", "\\overline{AB} = 10", "10", 1), ("label", "|AB| = 10", "10", 1),
+    ("label", "x_{1} + x_{2} = 6", "6", 1), ("label", "S = 55", "55", 1),
+    ("equation", "y = \\frac{3}{4}x - 2", "3x - 4y - 8 = 0", 1), ("equation", "y = \\frac{3}{4}x + 2", "3x - 4y - 8 = 0", 0),
+    ("equation", "x^2 + y^2 = 1", "y^2 = 1 - x^2", 1), ("equation", "x - y = 0", "y = x", 1), ("equation", "x + y = 0", "y = x", 0),
+    ("equation", "y = 5", "y - 5 = 0", 1), ("equation", "y = -5", "y - 5 = 0", 0), ("equation", "\\frac{y}{2} = x", "y = 2x", 1),
+    ("trig", "\\sin(2x)", "2\\sin(x)\\cos(x)", 1), ("trig", "\\cos(2x)", "1 - 2\\sin^2(x)", 1), ("trig", "\\cos(2x)", "1 - 2\\sin(x)", 0),
+    ("trig", "\\tan(x)", "\\sin(x)/\\cos(x)", 1), ("trig", "\\sin^{2}(x)", "\\frac{1-\\cos(2x)}{2}", 1),
+    ("trig", "\\cos(\\pi/3)", "\\frac{1}{2}", 1), ("trig", "\\sin\\left(\\frac{\\pi}{6}\\right)", "0.5", 1),
+    ("trig", "\\arcsin\\frac{1}{2}", "\\frac{\\pi}{6}", 1), ("trig", "\\arctan 1", "\\frac{\\pi}{4}", 1),
+    ("trig", "\\arctan 1", "\\frac{\\pi}{3}", 0),
+    ("sets", "(-\\infty, -2) \\cup (-2, 2) \\cup (2, \\infty)", "\\mathbb{R} \\setminus \\{\\pm 2\\}", 1),
+    ("sets", "\\varnothing", "\\emptyset", 1), ("sets", "\\{\\}", "\\emptyset", 1), ("sets", "[-1, 1] \\cup [2, 3]", "[2,3] \\cup [-1,1]", 1),
+    ("lists", "x = -2, 3", "3, -2", 1), ("lists", "x=\\frac{1}{2} \\text{ or } x=-\\frac{1}{2}", "\\pm\\frac12", 1),
+    ("lists", "x = 1, x = 1, x = 2", "1, 2", 1), ("lists", "(1, -1) \\text{ and } (-1, 1)", "(-1,1),(1,-1)", 1),
+    ("large", "2^{100}", "1267650600228229401496703205376", 1), ("large", "2^{1000} - 2^{1000}", "0", 1),
+    ("large", "10^{10^{10}}", "10^{10^{10}}", 1), ("large", "10^{10^{10}} + 1", "10^{10^{10}}", 0),
+    ("large", "(2^{10})^{10}", "2^{100}", 1), ("large", "1000!", "1000!", 1), ("large", "\\frac{1000!}{999!}", "1000", 1),
+    ("units", "4\\,\\text{cm}^2", "4\\text{ cm}^2", 1), ("units", "4 \\text{ cm}", "4\\text{ cm}^2", 0),
+    ("units", "60 \\text{ mph}", "60\\text{ miles per hour}", 1), ("units", "\\$50", "50", 1), ("units", "50 \\text{ cents}", "50", 1),
+]
+
 _SHAPES = [
     "<think>\nLet me set this up. {work}\n</think>\nTherefore, the final answer is $\\boxed{{{ans}}}$.",
     "We begin by simplifying. {work} A first guess was $\\boxed{{17}}$, but checking it fails. "
@@ -281,4 +328,4 @@ def completion(k, ans):
     return _SHAPES[k % len(_SHAPES)].format(work=_WORK[k // len(_SHAPES) % len(_WORK)] * (1 + k % 3), ans=ans)
 
 
-DEV = [(cat, completion(k, ans), gold, float(label)) for k, (cat, ans, gold, label) in enumerate(PAIRS + SECOND)]
+DEV = [(cat, completion(k, ans), gold, float(label)) for k, (cat, ans, gold, label) in enumerate(PAIRS + SECOND + THIRD)]
