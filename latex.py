@@ -47,7 +47,8 @@ def unicode_tex(s):
             out[j:] = [f"\\frac{{{int(whole or 0) * den + num}}}{{{den}}}"]
         elif kind:  # a run such as x¹⁰ or a_ₙ becomes one ^{..} or _{..}
             ch = chr(int(d[1], 16)).replace("\u2212", "-")
-            out[-1:] = [out[-1][:-1] + ch + "}"] if kind == last else out[-1:] + [("^{" if kind == "<super>" else "_{") + ch + "}"]
+            mark = "^{" if kind == "<super>" else "_{"
+            out[-1:] = [out[-1][:-1] + ch + "}"] if kind == last else out[-1:] + [mark + ch + "}"]
         else:
             out.append(_SYMBOLS.get(c, c))
         last = kind
@@ -107,7 +108,8 @@ _COMMANDS = {"infty": "oo", "cdot": "*", "times": "*", "ast": "*", "div": "/", "
 _SET_NAMES = {"Interval", "Union", "Intersection", "Complement", "FiniteSet", "Reals", "EmptySet", "True", "False"}
 _APPLIED = "arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|ln|log|exp"
 _EXPANDED = re.compile(rf"\\(frac|sqrt|binom|sum|prod|{_APPLIED})(?![A-Za-z])")
-_BARE = re.compile(r" *(\d*\.?\d*(?:(?:[A-Za-z]|\\(?:%s|pi)(?![A-Za-z]) ?)(?:\^(?:\{[^{}]*\}|\w))?)*)" % "|".join(_GREEK))
+_BARE = re.compile(r" *(\d*\.?\d*(?:(?:[A-Za-z]|\\(?:%s|pi)(?![A-Za-z]) ?)(?:\^(?:\{[^{}]*\}|\w))?)*)"
+                   % "|".join(_GREEK))  # 2x, 3\theta, x^2, \pi x: what \sin applies to without parentheses
 
 
 def _arg(s, i):
@@ -322,8 +324,9 @@ def set_source(s):
             ends = [to_python(x) for x in split_top(tok[1:-1])[0]]
             part = f"Interval({ends[0]},{ends[1]},{tok[0] == '('},{tok[-1] == ')'})" if None not in ends else None
         elif tok.startswith("\\{") and tok.endswith("\\}") or tok == "∅":
-            items = [to_python(y) for x in split_top(tok[2:-2])[0] if x for y in  # \\{\\pm 2\\} is {2, -2}
-                     ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if "\\pm" in x else (x,))] if tok != "∅" else []
+            items = [y for x in split_top(tok[2:-2])[0] if x and tok != "∅" for y in  # \\{\\pm 2\\} is {2, -2}
+                     ((x.replace("\\pm", "+"), x.replace("\\pm", "-")) if "\\pm" in x else (x,))]
+            items = [to_python(x) for x in items]
             part = f"FiniteSet({','.join(items)})" if None not in items else None
         else:
             return None

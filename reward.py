@@ -25,7 +25,8 @@ from fractions import Fraction
 
 from latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, set_source, split_top, to_python,
                    unicode_tex, units, unnest)
-from symbolic import STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal, terminates, warm_spare
+from symbolic import (CHECKERS, STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal,  # noqa: F401
+                      terminates, warm_spare)
 
 TIME_BUDGET = 1.0  # seconds of sympy work per reward() call
 MAX_LEN = 1000  # longer answers are compared as strings only: no real answer is this long
@@ -53,7 +54,8 @@ def extract_boxed(text):
 # ---------------------------------------------------------------------------- normalisation
 
 _REPLACE = [  # substring -> replacement, in this order
-    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\limits", ""),
+    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"),
+    ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\limits", ""),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""), ("\\$", ""),
     ("$", ""), ("\\%", "%"), ("{,}", ","), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"),
     ("\\rvert", "|"), ("\\vert", "|"), ("\\mid", "|"), ("\\qquad", ","), ("\\quad", ","), ("\\lor", ","),
@@ -159,6 +161,7 @@ def _struct_equal(a, b, deadline):
     (ka, ba, ia), (kb, bb, ib) = a, b
     if {ka, kb} == {"bag", "seq"} and {ba, bb} == {"", "()"}:  # "1, 2" for the point (1, 2)
         ka, kb, ba, bb = "seq", "seq", "()", "()"
+    ka, kb = ("bag", "bag") if {ka, kb} == {"bag", "scalar"} else (ka, kb)  # 2, 2 is the one solution 2
     if ka != kb or (ka != "bag" and len(ia) != len(ib)) or (ka == "seq" and ba != bb) or len(ia) > 100:
         return False
     if ka == "bag":  # items may be tuples themselves: (1,2),(2,1)

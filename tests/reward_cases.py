@@ -461,6 +461,14 @@ CASES = [
     ("unit", "\\$12", "12 \\text{ cents}", 0.0), ("unit", "15\\%", "15\\%", 1.0),
     ("unit", "20 \\text{ centimeters}", "20\\text{ cm}", 1.0), ("unit", "5 \\text{ kilograms}", "5\\text{ kg}", 1.0),
     ("unit", "0.15", "15\\%", 1.0), ("unit", "3 \\mathrm{~m}", "3\\text{ meters}", 1.0),
+    # the forms docs/REWARD.md names that the rows above do not show
+    ("doc", "4", "x^2+y^2=4", 0.0), ("doc", "\\sqrt[3]{-8}", "-2", 1.0), ("doc", "|x - 3| < 2", "(1,5)", 1.0),
+    ("doc", "|x - 3| < 2", "[1,5]", 0.0), ("doc", "|x| \\ge 1", "(-\\infty,-1]\\cup[1,\\infty)", 1.0),
+    ("doc", "(-\\infty,-2)\\cup(-2,2)\\cup(2,\\infty)", "\\mathbb{R}\\setminus\\{\\pm 2\\}", 1.0),
+    ("doc", "3^{3^{3^{3}}}", "3^{7625597484987}", 1.0), ("doc", "3^{3^{3^{3}}}", "3^{7625597484986}", 0.0),
+    ("doc", "10 \\text{ m/s}", "10\\text{ km/h}", 0.0), ("doc", "60 \\text{ mph}", "60\\text{ miles per hour}", 1.0),
+    ("doc", "6 \\text{ square inches}", "6\\text{ in}^2", 1.0), ("doc", "3\\text{ kg}", "3000\\text{ g}", 0.0),
+    ("doc", "\\dbinom{6}{3}", "20", 1.0), ("doc", "x + 5 = 12", "12", 1.0), ("doc", "2, 2", "2", 1.0),
     # malformed input is wrong, never an error
     ("malformed", "\\frac{1}{", "\\frac{1}{2}", 0.0),
     ("malformed", "}}}{{{", "5", 0.0),

@@ -218,7 +218,8 @@ def test_math_verify_checker_runs_in_the_workers():
 
 if __name__ == "__main__":
     for checker in ("hapo", "math_verify"):
-        for name, rows in (("case table (tests/reward_cases.py)", CASES), ("realistic set (tests/reward_realistic.py)", DEV)):
+        for name, rows in (("case table (tests/reward_cases.py)", CASES),
+                           ("realistic set (tests/reward_realistic.py)", DEV)):
             agreement, accepts, rejects, slowest = _scored(rows, checker)
             print(f"{checker:11s} {name:42s} {len(rows)} rows: agreement {100 * agreement:.1f}%, "
                   f"{accepts} wrong accepts, {rejects} correct answers rejected, slowest {slowest:.2f} s")
