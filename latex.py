@@ -4,7 +4,8 @@ Plain-TeX and Unicode spellings become LaTeX (`{a \\over b}`, `½`, `x²`, `≠`
 around a value go (`((((5))))`), so that deep nesting costs nothing downstream. to_python turns an
 answer into source for sympy's parse_expr: `\\frac`, roots, `\\sin^2 x`, `\\sin 2x`, `\\log_b`, `|x|`,
 `\\sum`/`\\prod` with limits. Only known names survive, so evaluating the source is safe; symbolic.py
-evaluates it in a worker process under a deadline.
+evaluates it in a worker process under a deadline. Notations read whole: units (`\\text{ cm}`, `km/h`),
+inequalities as intervals, and sets of reals (`\\mathbb{R}\\setminus\\{0\\}`) as sympy set source.
 """
 import re, unicodedata
 
@@ -69,7 +70,8 @@ def over_to_frac(s):
         group = brace_group(s, i) if i >= 0 else (s, len(s))
         if group is None:
             return s
-        left, right = group[0].split(m.group(), 1)
+        at = m.start() - i - 1  # where the command sits in the group: not a \\overline before it
+        left, right = group[0][:at], group[0][at + m.end() - m.start():]
         cmd = "\\frac" if m[1] == "over" else "\\binom"
         frac = f"{cmd}{{{left.strip()}}}{{{right.strip()}}}"
         s = s[:i] + "{" + frac + "}" + s[group[1]:] if i >= 0 else frac
