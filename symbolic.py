@@ -1,118 +1,27 @@
-"""The reward's symbolic half: LaTeX to sympy source, and sympy in child processes with a hard deadline.
+"""The reward's symbolic half: sympy (and, as an option, math-verify) in child processes with a hard deadline.
 
 reward.py settles what it can exactly (strings, numbers, tuples, sets, intervals). An answer pair it
-cannot settle goes to sympy_equal(a_src, b_src, places, deadline): the two sides, already turned
-into Python source by to_python, are compared by _sympy_check in a persistent worker process (this
-file run with --worker). A worker that overruns the deadline is killed and its spare takes over, so
-a call returns in time from any thread, whatever sympy does with the input; power towers and huge
-factorials are refused before evaluation (_digits). Answers are cached.
+cannot settle goes to sympy_equal(a_src, b_src, places, deadline, mode): the two sides, already
+turned into Python source by latex.to_python, are compared by _sympy_check in a persistent worker
+process (this file run with --worker): equal expressions, equations up to a nonzero factor, or sets of
+reals. math_verify_equal runs the math-verify package's parse and verify there too, since its own
+timeouts work only in a main thread. A worker that overruns the deadline is killed and its spare
+takes over, so a call returns in time from any thread, whatever the input does; power towers and
+huge factorials are refused before evaluation (_digits), while values cheap to hold exactly (2^65536,
+1^{10^10}, a sum with a closed form) are computed. Answers are cached.
 """
-import atexit, json, math, os, re, select, subprocess, sys, threading, time
+import atexit, hashlib, importlib, importlib.util, json, math, os, select, subprocess, sys, threading, time
+
+from latex import bound, names
 
 STARTUP_TIMEOUT = 30.0  # a new worker imports sympy (~0.3-1 s) once; not counted in the budget
+MAX_DIGITS = 100_000  # a value with more digits than this is too expensive to evaluate
+CHECKERS = ("hapo", "math_verify")  # reward.py's own rules, or the math-verify package's (published numbers)
 
 
 def terminates(q):
     """Does p/q have a finite decimal expansion, i.e. is q = 2^a 5^b?"""
     return q == math.gcd(q, 10 ** q.bit_length())
-
-
-# ---------------------------------------------------------------------------- LaTeX -> sympy source
-
-
-def brace_group(s, i):
-    """(content, index after) of the brace group opening at s[i]; None if it never closes."""
-    depth, k = 0, i
-    while k < len(s):
-        if s[k] == "\\":
-            k += 2  # \{ and \} are literal braces, not grouping
-            continue
-        depth += (s[k] == "{") - (s[k] == "}")
-        if depth == 0:
-            return s[i + 1:k], k + 1
-        k += 1
-    return None
-
-
-_FUNCS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
-          "log", "exp", "sqrt", "root", "Abs", "floor", "ceiling", "binomial", "pi", "oo"}
-_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "kappa", "lamda", "mu",
-          "nu", "xi", "rho", "sigma", "tau", "phi", "chi", "psi", "omega"}
-_COMMANDS = {"infty": "oo", "cdot": "*", "times": "*", "ast": "*", "div": "/", "ln": "log", "lambda": "lamda",
-             "varphi": "phi", "varepsilon": "epsilon", "vartheta": "theta", "lfloor": "floor(", "rfloor": ")",
-             "lceil": "ceiling(", "rceil": ")"}
-_EXPANDED = re.compile(r"\\(frac|sqrt|binom|sin|cos|tan|sec|csc|cot|ln|log|exp)(?![A-Za-z])")
-
-
-def _arg(s, i):
-    """(argument, index after) of a LaTeX argument at s[i]: a brace group, a command or one character."""
-    while s[i:i + 1] == " ":
-        i += 1
-    if s[i:i + 1] == "{":
-        return brace_group(s, i) or ("", len(s))
-    m = re.match(r"\\[A-Za-z]+|.", s[i:])
-    return (m.group(), i + m.end()) if m else ("", i)
-
-
-def _expand(s):
-    """\\frac, \\sqrt, \\binom and functions with a bare argument (\\sin x, \\ln 2) to call syntax."""
-    out, i = [], 0
-    while i < len(s):
-        m = _EXPANDED.match(s, i)
-        if not m:
-            out.append(s[i])
-            i += 1
-            continue
-        name, i = m[1], m.end()
-        if name == "sqrt" and s[i:i + 1] == "[" and "]" in s[i:]:  # \sqrt[3]{x}
-            j = s.index("]", i)
-            a, i = _arg(s, j + 1)
-            out.append(f" root({_expand(a)},{_expand(s[m.end() + 1:j])})")
-        elif name in ("frac", "binom"):
-            (a, i), fmt = _arg(s, i), "(({})/({}))" if name == "frac" else " binomial({},{})"
-            b, i = _arg(s, i)
-            out.append(fmt.format(_expand(a), _expand(b)))
-        elif name == "sqrt":
-            a, i = _arg(s, i)
-            out.append(f" sqrt({_expand(a)})")
-        elif s[i:i + 1] in "({^":  # \sin(x), \ln{2}: the parser takes it from here
-            out.append(f" {_COMMANDS.get(name, name)} ")
-        else:
-            a = re.match(r" *([\d.]+|[A-Za-z]|\\[A-Za-z]+)", s[i:])
-            out.append(f" {_COMMANDS.get(name, name)}({_expand(a[1]) if a else ''})")
-            i += a.end() if a else 0
-    return "".join(out)
-
-
-def to_python(s):
-    """LaTeX -> source for sympy's parse_expr, or None. Only known names survive, so eval() is safe."""
-    s = re.sub(r"\\log_\{?(\w+)\}?", r"\\frac{1}{\\ln(\1)}\\ln", s)  # change of base
-    s = re.sub(r"(?<![\\A-Za-z])([A-Za-z])_\{?([A-Za-z0-9]+)\}?", r"\1_\2", _expand(s))  # x_{1} -> x_1
-    unknown = [c for c in re.findall(r"\\([A-Za-z]+)", s) if c not in _COMMANDS and c not in _GREEK | _FUNCS]
-    bars = re.sub(r"\\([A-Za-z]+)", lambda m: f" {_COMMANDS.get(m[1], m[1])} ", s).split("|")
-    if unknown or len(bars) % 2 == 0:
-        return None
-    s = "".join(b + ("" if k == len(bars) - 1 else " Abs(" if k % 2 == 0 else ")") for k, b in enumerate(bars))
-    s = s.replace("^", "**").translate(str.maketrans("{}[]", "()()"))
-    if "=" in s:
-        lhs, _, rhs = s.partition("=")
-        s = f"({lhs})-({rhs})"
-
-    def name(m):  # an unknown run of letters is a product of one-letter symbols: xy -> x*y
-        head, _, sub = m[0].partition("_")
-        if m[0] in _FUNCS or m[0] in _GREEK:
-            return f" {m[0]} "
-        return " " + " ".join(head[:-1]) + f" {head[-1]}{'_' + sub if sub else ''} "
-
-    s = re.sub(r"[A-Za-z]+(?:_[A-Za-z0-9]+)?", name, s)
-    if not re.fullmatch(r"[A-Za-z0-9_+\-*/()., !]*", s) or re.search(r"\.(?!\d)|(?<![A-Za-z])_|\*\*\*|//", s):
-        return None  # attribute access, dunder names, floor division: not mathematics
-    return s
-
-
-def names(src):
-    """The free symbols of a source string (e and i are constants)."""
-    return set(re.findall(r"[A-Za-z]\w*", src)) - _FUNCS - {"e", "i"}
 
 
 # ---------------------------------------------------------------------------- sympy, in the worker process
@@ -124,12 +33,19 @@ def _digits(e):
         return math.log10(max(abs(e.p), abs(e.q)))
     if not e.args:
         return 0.5
+    name = e.func.__name__
+    if name in ("Sum", "Product"):  # n terms, each at most the body's size at the larger end of the range
+        body, (v, lo, hi) = e.args[0], e.args[1]
+        count, term = max(_digits(lo), _digits(hi)), max(_digits(body.xreplace({v: x})) for x in (lo, hi))
+        return term + count + 1 if name == "Sum" else term * 10 ** count if count < 7 else math.inf
     d = [_digits(a) for a in e.args]
-    if e.is_Pow or e.func.__name__ == "exp":
+    if e.is_Pow or name == "exp":
         (base, dx), x = ((d[0], d[1]), e.exp) if e.is_Pow else ((0.5, d[0]), e.args[0])
+        if e.is_Pow and e.base.is_Integer and abs(e.base) <= 1:
+            return 0.0  # 0, 1 and -1 to any power stay small: 1^{10^{10}} is cheap
         n = abs(x.p) if x.is_Rational else 10 ** dx if dx < 7 else math.inf  # bound on |exponent|
         return math.inf if n == math.inf else base * n
-    if e.func.__name__ in ("factorial", "binomial", "gamma"):
+    if name in ("factorial", "binomial", "gamma"):
         return math.inf if max(d) > 4 else 10 ** max(d) * max(d)
     return sum(d) if e.is_Mul else max(d) + math.log10(len(d)) + 0.5
 
@@ -140,21 +56,78 @@ def _close(va, vb):
     return finite and abs(va - vb) <= 1e-25 * max(abs(va), abs(vb)) + 1e-35
 
 
-def _sympy_check(a_src, b_src, places):
-    """Is expr(a) == expr(b)? Runs in the worker, where a hang costs a restart rather than a run."""
-    import sympy as sp
+def _values(exprs, syms, sp):
+    """The exprs evaluated at a fixed set of "random" points (deterministic rewards), where all are finite."""
+    for k in range(3):
+        point = {s: sp.Rational(37 + 11 * j + 29 * k, 17 + 3 * j) * (-1) ** (j + k) for j, s in enumerate(syms)}
+        try:
+            vs = [complex(x.xreplace(point).evalf(40)) for x in exprs]
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+            continue  # undefined at this point
+        if all(math.isfinite(abs(v)) for v in vs):
+            yield vs
+
+
+def _parse(src, sp):
+    """parse_expr of to_python's source, refusing what would be too large to evaluate."""
     from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, implicit_multiplication,
                                             rationalize)
-    consts = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "root": sp.root, "e": sp.E, "i": sp.I}
+    local = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "e": sp.E, "i": sp.I,
+             "root": lambda x, n: sp.real_root(x, n) if x.is_number else sp.root(x, n),  # \\sqrt[3]{-8} is -2
+             "Sum": lambda v, lo, hi, body: sp.Sum(body, (v, lo, hi)),
+             "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi))}
+    kw = dict(local_dict=local | {n: sp.Symbol(n) for n in names(src) | bound(src)},
+              transformations=standard_transformations + (implicit_multiplication, rationalize))
+    e = parse_expr(src, evaluate=False, **kw)
+    if _digits(e) > MAX_DIGITS:
+        raise _TooLarge(e)
+    e = parse_expr(src, **kw)
+    return e.doit() if e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
 
-    def parse(src):
-        kw = dict(local_dict={n: sp.Symbol(n) for n in names(src)} | consts,
-                  transformations=standard_transformations + (implicit_multiplication, rationalize))
-        if _digits(parse_expr(src, evaluate=False, **kw)) > 5000:
-            raise ValueError("too large to evaluate")
-        return parse_expr(src, **kw)
 
-    a, b = parse(a_src), parse(b_src)
+class _TooLarge(ValueError):
+    """A value too large to evaluate; args[0] is it, unevaluated."""
+
+
+def _huge_equal(a, b, sp):
+    """b^x == c^y for values too large to compute: b and c powers of one integer r > 1, and the
+    exponents equal once written over r (2^{2^{16}} == 4^{2^{15}}, 3^{3^{27}} == 3^{7625597484987})."""
+    if not (a.is_Pow and b.is_Pow and all(x.base.is_Integer and x.base > 1 for x in (a, b))):
+        return False
+    (r, k), (s, m) = (sp.perfect_power(x.base) or (x.base, 1) for x in (a, b))
+    x, y = sp.Mul(k, a.exp, evaluate=False), sp.Mul(m, b.exp, evaluate=False)
+    if r != s:
+        return False
+    if max(_digits(x), _digits(y)) <= MAX_DIGITS:
+        return x.doit() == y.doit()
+    return k == m and _huge_equal(a.exp, b.exp, sp)
+
+
+def _sympy_check(mode, a_src, b_src, places):
+    """Is expr(a) == expr(b) (mode "equal"), is a = 0 the equation b = 0 ("ratio"), or are the sets of
+    reals a and b equal ("set")? Runs in the worker, where a hang costs a restart rather than a run."""
+    import sympy as sp
+    try:
+        a, b = _parse(a_src, sp), _parse(b_src, sp)
+    except _TooLarge:
+        parsed = []
+        for src in (a_src, b_src):
+            try:
+                parsed.append(_parse(src, sp))
+            except _TooLarge as e:
+                parsed.append(e.args[0])
+        return mode == "equal" and _huge_equal(*parsed, sp)
+    if mode == "set":
+        return a == b or sp.Complement(a, b) == sp.S.EmptySet == sp.Complement(b, a)
+    if mode == "ratio":  # clear denominators, then a/b must be one nonzero constant everywhere
+        a, b = (sp.fraction(sp.together(x))[0] for x in (a, b))
+        if a.free_symbols != b.free_symbols or not a.free_symbols:
+            return False
+        ratios = [r for r, in _values([a / b], sorted(a.free_symbols, key=str), sp)]  # to 40 digits
+        if len(ratios) >= 2:
+            return abs(ratios[0]) > 1e-30 and all(_close(r, ratios[0]) for r in ratios)
+        r = sp.cancel(a / b)
+        return not r.free_symbols and r != 0
     diff = a - b
     if a == b or diff == 0:
         return True
@@ -162,42 +135,49 @@ def _sympy_check(a_src, b_src, places):
         va, vb = complex(a.evalf(40)), complex(b.evalf(40))
         return not diff.is_Rational and _close(va, vb) or places > 0 and abs(va - vb) <= 0.5 * 10.0 ** -places \
             and not (a.is_Rational and terminates(a.q))
-    if a.free_symbols != b.free_symbols:
-        return False
-    syms, agree = sorted(diff.free_symbols, key=str), 0
-    for k in range(3):  # a fixed set of "random" points keeps the reward deterministic
-        point = {s: sp.Rational(37 + 11 * j + 29 * k, 17 + 3 * j) * (-1) ** (j + k) for j, s in enumerate(syms)}
-        try:
-            va, vb = complex(a.xreplace(point).evalf(40)), complex(b.xreplace(point).evalf(40))
-        except (TypeError, ValueError, OverflowError):
-            continue  # undefined at this point
-        if math.isfinite(abs(va)) and math.isfinite(abs(vb)):
-            if not _close(va, vb):
-                return False
-            agree += 1
+    agree = 0
+    for va, vb in _values([a, b], sorted(diff.free_symbols, key=str), sp):
+        if not _close(va, vb):
+            return False
+        agree += 1
     return agree > 0 or sp.simplify(diff) == 0
 
 
-def _worker_main():
-    """The worker's loop: one JSON request [a, b, places] per line in, "1" or "0" per line out."""
+def _math_verify(completion, gold):
+    """math-verify's own verdict: verify(parse(gold), parse(completion)), its signal timeouts off."""
+    from math_verify import parse, verify
+    gold = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    return verify(parse(gold, parsing_timeout=None), parse(completion, parsing_timeout=None), timeout_seconds=None)
+
+
+def _worker_main(preload):
+    """The worker's loop: one JSON request per line in ([mode, a, b, places], ["mv", completion, gold]
+    or ["load", module]), "1" or "0" per line out."""
     import sympy  # noqa: F401  the slow import, once per worker
+    for module in preload:
+        importlib.import_module(module)
     print("ready", flush=True)
     for line in sys.stdin:
         try:
-            ok = _sympy_check(*json.loads(line))
+            request = json.loads(line)
+            if request[0] == "load":
+                ok = importlib.import_module(request[1]) is not None
+            else:
+                ok = _math_verify(*request[1:]) if request[0] == "mv" else _sympy_check(*request)
         except Exception:
             ok = False
-        print(int(ok), flush=True)
+        print(int(bool(ok)), flush=True)
 
 
 # ---------------------------------------------------------------------------- sympy, from the caller
 
 
 class _Worker:
-    """A child python answering _sympy_check over pipes. Killed when it overruns a deadline."""
+    """A child python answering requests over pipes. Killed when it overruns a deadline."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, _HERE, "--worker"], stdin=subprocess.PIPE,
+        self.loaded = set(_preload)  # modules imported at start-up, besides sympy
+        self.proc = subprocess.Popen([sys.executable, _HERE, "--worker", *sorted(self.loaded)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
         self.buf, self.ready = b"", False
         _live.add(self)
@@ -213,11 +193,18 @@ class _Worker:
         line, self.buf = self.buf.split(b"\n", 1)
         return line.decode()
 
-    def ask(self, request, timeout):
+    def ask(self, request, deadline, needs=()):
+        t = time.monotonic()
         self.ready = self.ready or self.readline(STARTUP_TIMEOUT) == "ready"
+        for module in sorted(set(needs) - self.loaded):  # an import is start-up too
+            self.proc.stdin.write(json.dumps(["load", module]).encode() + b"\n")
+            if not self.ready or self.readline(STARTUP_TIMEOUT) != "1":
+                return None
+            self.loaded.add(module)
+        deadline.end += time.monotonic() - t  # start-up is outside the budget, for the whole call
         if self.ready:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            return self.readline(timeout)
+            return self.readline(deadline.end - time.monotonic())
 
     def kill(self):
         _live.discard(self)
@@ -226,7 +213,7 @@ class _Worker:
 
 
 _HERE = os.path.abspath(__file__)
-_live, _idle, _lock, _cache = set(), [], threading.Lock(), {}
+_live, _idle, _lock, _cache, _preload = set(), [], threading.Lock(), {}, set()
 
 
 def _forget_workers():  # a forked child must not talk over its parent's pipes, nor hold them open
@@ -241,6 +228,22 @@ os.register_at_fork(after_in_child=_forget_workers)
 atexit.register(lambda: [w.kill() for w in list(_live)])
 
 
+def preload(module):
+    """Have every worker started from now on import module at start-up (math_verify, once asked for)."""
+    _preload.add(module)
+
+
+def check_checker(name):
+    """Raise, in one line, unless name is a checker that can run here; returns name. Call it at start-up."""
+    if name not in CHECKERS:
+        raise ValueError(f"unknown checker {name!r}: choose one of {', '.join(CHECKERS)}")
+    if name == "math_verify":
+        if importlib.util.find_spec("math_verify") is None:
+            raise ImportError("checker 'math_verify' needs the math-verify package: pip install math-verify")
+        preload("math_verify")  # workers started from now on import it before their first request
+    return name
+
+
 def warm_spare(first=False):
     """Keep an idle worker starting or ready (with first, only if there is none at all), so that sympy's
     import overlaps with other work and a killed worker has a successor at once."""
@@ -252,19 +255,29 @@ def warm_spare(first=False):
                 pass  # no interpreter to start: the sympy path will answer False
 
 
-def sympy_equal(a_src, b_src, places, deadline):
-    """_sympy_check in a worker, with a hard deadline; False when it cannot answer in time."""
-    key = (a_src, b_src, places)
+class Deadline:
+    """When one reward call's sympy budget runs out; time spent waiting for a worker to start is added back."""
+
+    def __init__(self, seconds):
+        self.end = time.monotonic() + seconds
+
+
+def _ask(request, deadline, needs=()):
+    """One request to a worker, with a hard deadline (a Deadline, or a time.monotonic() value); False
+    when it cannot answer in time."""
+    deadline = deadline if isinstance(deadline, Deadline) else Deadline(deadline - time.monotonic())
+    key = tuple(request) if sum(map(len, map(str, request))) < 2000 else \
+        hashlib.blake2b(json.dumps(request).encode()).digest()  # long completions: keep the cache small
     if (hit := _cache.get(key)) is not None:  # .get: another thread may be clearing it
         return hit
-    if deadline - time.monotonic() < 0.05:
+    if deadline.end - time.monotonic() < 0.05:
         return False  # too little time left to be worth a restart
     with _lock:
         w = _idle.pop() if _idle else None
     warm_spare()
     try:
         w = w or _Worker()
-        answer = w.ask(key, deadline - time.monotonic())
+        answer = w.ask(request, deadline, needs)
     except OSError:  # a broken pipe, or no interpreter to start
         answer = None
     if answer is None:  # it overran (or died): kill it; the spare takes over
@@ -279,5 +292,15 @@ def sympy_equal(a_src, b_src, places, deadline):
     return answer == "1"
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    _worker_main()
+def sympy_equal(a_src, b_src, places, deadline, mode="equal"):
+    """_sympy_check in a worker: mode "equal" (expressions), "ratio" (equations a = 0, b = 0) or "set"."""
+    return _ask([mode, a_src, b_src, places], deadline)
+
+
+def math_verify_equal(completion, gold, deadline):
+    """math-verify's verdict on completion against gold, computed in a worker under the deadline."""
+    return _ask(["mv", completion, gold], deadline, needs=("math_verify",))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(sys.argv[2:])
