@@ -26,6 +26,7 @@ import torch
 from data import DataError
 from evaluation import default_k, drop_long_prompts, evaluate, load_benchmarks, summarize
 from models import load_model, resolve_model
+from reward import CHECKERS, check_checker
 
 # ----------------------------------------------------------------------------
 # the command line: benchmarks, model, resume, output
@@ -87,11 +88,17 @@ def parse_args(argv=None):
     p.add_argument("--rollout", choices=("auto", "hf", "vllm"), default="auto")
     p.add_argument("--batch_prompts", type=int, default=64, help="problems per generate() call")
     p.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer prompts are left out (counted)")
+    p.add_argument("--checker", default="hapo", choices=CHECKERS,
+                   help="answer checker: reward.py's own, or math-verify's (as published tables were scored)")
     p.add_argument("--gpu_memory", type=float, default=0.85, help="fraction of GPU memory vLLM may take")
     args = p.parse_args(argv)
     if (args.k is not None and args.k < 1) or (args.limit is not None and args.limit < 1) or \
             min(args.max_new_tokens, args.batch_prompts, args.max_prompt_tokens) < 1:
         p.error("--k, --limit, --max_new_tokens, --batch_prompts and --max_prompt_tokens must be at least 1")
+    try:
+        check_checker(args.checker)
+    except (ValueError, ImportError) as e:
+        p.error(f"--checker: {e}")
     return args
 
 
@@ -116,7 +123,8 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     check_settings(args.out_dir, {"model": args.model if args.model == "tiny" else model_path,
                                   "temperature": args.temperature, "top_p": args.top_p,
-                                  "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens})
+                                  "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
+                                  "checker": args.checker})
     print(f"rollout engine: {kind} ({why})")
     use_vllm = kind == "vllm"
     if model is not None and torch.cuda.is_available() and not use_vllm:
@@ -158,7 +166,7 @@ def main(argv=None):
                 new.extend(group)
             evaluate(engine, tok, [problems[i] for i in todo], k=k, temperature=args.temperature,
                      max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
-                     batch_prompts=args.batch_prompts, on_sample=write, progress=True)
+                     batch_prompts=args.batch_prompts, on_sample=write, progress=True, checker=args.checker)
             s = summarize(kept + new)
             summary[name] = {"n_problems": s["n_problems"], "k": k, "avg_at_k": s["avg_at_k"],
                              "pass_at_1": s["pass_at_1"], "dropped_long_prompt": dropped[name]}

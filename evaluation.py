@@ -46,7 +46,7 @@ def default_k(n_problems: int) -> int:
 
 
 def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8192, top_p=1.0,
-             seed=0, batch_prompts=64, on_sample=None, progress=False) -> dict:
+             seed=0, batch_prompts=64, on_sample=None, progress=False, checker="hapo") -> dict:
     """Sample k completions per problem, score each with reward.reward (Eq. 4), and summarise.
 
     Returns {"accuracy", "avg_at_k", "pass_at_1", "n_problems", "k", "samples"}; accuracy is the
@@ -78,7 +78,7 @@ def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8
             for c, i in enumerate(chunk):
                 group = [{"benchmark": problems[i].source, "problem_id": i, "sample": j,
                           "answer": problems[i].answer, "extracted": extract_boxed(texts[c * k + j]),
-                          "reward": reward(texts[c * k + j], problems[i].answer),
+                          "reward": reward(texts[c * k + j], problems[i].answer, checker),
                           "n_tokens": len(completions[c * k + j]), "completion": texts[c * k + j]}
                          for j in range(k)]
                 records += group

@@ -35,7 +35,7 @@ import update
 from checkpoint import CheckpointError
 from data import DataError
 from gate import SCHEDULES, threshold
-from reward import reward
+from reward import check_checker, reward
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Config:
     mask_truncated: bool = False  # leave completions that hit max_new_tokens without EOS out of the loss
     is_correction: bool = False  # weight on-policy tokens by min(pi_old / pi_sampler, is_cap)
     is_cap: float = 2.0  # the truncation of that importance weight
+    checker: str = "hapo"  # the reward's answer checker: hapo (reward.py's) | math_verify (published tables)
     max_new_tokens: int = 64  # rollout length limit
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted)
     max_solution_tokens: int = 8192  # longer teacher solutions are dropped (counted)
@@ -130,6 +131,10 @@ def problems_with(cfg, world):
               (world == 1 or cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # same mini-batches as 1 rank
                f"--batch_prompts must be divisible by {world} ranks x {cfg.mini_batches} mini-batches"),
               (world == 1 or world % cfg.tensor_parallel == 0, f"--tensor_parallel must divide the {world} ranks")]
+    try:
+        check_checker(cfg.checker)
+    except (ValueError, ImportError) as e:
+        checks.append((False, f"--checker: {e}"))
     return next((msg for ok, msg in checks if not ok), None) or tracking.check_trackers(cfg.report_to.split(","))
 
 
@@ -206,8 +211,9 @@ def main(argv=None):
     try:
         start_dir, model, tok, state = resume_from(cfg, dist, load_model) if cfg.resume else \
             (None, *load_model(resolve_model(cfg.model), dtype=torch.float32), None)
+        score = lambda completion, answer: reward(completion, answer, cfg.checker)
         problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
-                                                              cfg.max_solution_tokens, cfg.eval_problems, reward)
+                                                              cfg.max_solution_tokens, cfg.eval_problems, score)
         kind, why = resolve_engine(cfg.rollout)
     except (DataError, ImportError) as e:
         fail(str(e), dist)
@@ -247,8 +253,8 @@ def main(argv=None):
         if not held:
             return {}, []
         part = held[dp_rank::dp_world]
-        r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature,
-                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * at)
+        r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                     seed=cfg.seed + 7919 * at, checker=cfg.checker)
         acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / tp / len(held)
         return {"eval/accuracy": acc}, [{"step": at, "eval": True, **s} for s in r["samples"][:4]]
 
@@ -276,7 +282,7 @@ def main(argv=None):
             mine = [(i, completions[g * n:(g + 1) * n]) for g, i in enumerate(idx)][dist.rank % tp::tp]
             # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
             groups = [hapo.Group(problems[i].prompt_ids, resp,
-                                 [reward(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
+                                 [score(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
                                  problems[i].solution_ids, teacher_ok[i],
                                  truncated=[len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp])
                       for i, resp in mine]
