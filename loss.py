@@ -72,23 +72,27 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature):
         dtype = torch.get_autocast_dtype("cuda") if hidden.is_cuda and torch.is_autocast_enabled("cuda") else None
-        ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
         ctx.set_materialize_grads(False)  # an unused entropy output sends no gradient, not zeros
-        logp, entropy = [], []
+        logp, entropy, lses = [], [], []
         with torch.autocast("cuda", enabled=False):
             w = _cast(weight, dtype)
             for i in range(0, hidden.shape[0], chunk_size):
                 z = _chunk_logits(_cast(hidden[i:i + chunk_size], dtype), w, temperature)  # [c, V]
                 lse = torch.logsumexp(z, dim=1)  # [c]
+                lses.append(lse)
                 logp.append(z.gather(1, targets[i:i + chunk_size, None]).squeeze(1) - lse)  # [c]
                 z.sub_(lse[:, None])  # log p, in place
-                entropy.append(-(z.exp() * z).sum(dim=1))  # [c]
+                entropy.append(-z.exp().mul_(z).sum(dim=1))  # [c]: -sum p log p, one more [c, V] block
+                del z  # before the next chunk's block exists
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses))
         return torch.cat(logp), torch.cat(entropy)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lses = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None
         T, dtype, c = ctx.temperature, ctx.dtype, ctx.chunk_size
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = None
@@ -97,12 +101,14 @@ class _FusedLogprobs(torch.autograd.Function):
             for i in reversed(range(0, hidden.shape[0], c)):
                 h = _cast(hidden[i:i + c], dtype)  # [c, H]
                 z = _chunk_logits(h, w, T)  # [c, V]
-                lse = torch.logsumexp(z, dim=1, keepdim=True)  # [c, 1]
-                grad = torch.zeros_like(z) if g_logp is None else (z - lse).exp().mul_(-g_logp[i:i + c, None])
-                if g_entropy is not None:  # -g_H p (log p + H)
+                lse = lses[i:i + c, None]  # [c, 1], as the forward computed it
+                if g_entropy is None:  # the usual case: the gradient takes the place of the logits
+                    grad = z.sub_(lse).exp_().mul_(-g_logp[i:i + c, None])  # -g p
+                else:  # and -g_H p (log p + H)
+                    grad = torch.zeros_like(z) if g_logp is None else torch.sub(z, lse).exp_().mul_(-g_logp[i:i + c, None])
                     logp = z.sub_(lse)  # [c, V], in place
                     p = logp.exp()  # [c, V]
-                    ent = -(p * logp).sum(dim=1, keepdim=True)  # [c, 1]
+                    ent = -torch.linalg.vecdot(p, logp)[:, None]  # [c, 1]
                     grad.sub_(logp.add_(ent).mul_(p).mul_(g_entropy[i:i + c, None]))
                 if g_logp is not None:
                     grad.scatter_add_(1, targets[i:i + c, None], g_logp[i:i + c, None])  # + g onehot(t)
@@ -113,7 +119,8 @@ class _FusedLogprobs(torch.autograd.Function):
                     grad_h[i:i + c] = grad @ w
                 if ctx.needs_input_grad[1]:
                     part = grad.t() @ h  # [V, H]
-                    grad_w = _up(part) if grad_w is None else grad_w + _up(part)
+                    grad_w = _up(part) if grad_w is None else grad_w.add_(_up(part))
+                del z, grad  # before the next chunk's blocks exist
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
