@@ -332,10 +332,10 @@ class VLLMEngine:
     checkpoint's generation_config.json, so HF and vLLM rollouts sample the same distribution.
     `logprobs_mode="processed_logprobs"`: log-probs, when asked for, are of that sampled distribution.
 
-    vLLM's CPU build (the one CI tests) differs in three settings, all chosen in `_cpu_settings`.
+    vLLM's CPU build (the one CI tests) differs in four settings, all chosen in `_build_settings`.
     """
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
+    def __init__(self, model_path: str, tokenizer, *, dtype: str | None = None, gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool = False,
                  tensor_parallel_size: int = 1, rank: int = 0, world_size: int = 1, **llm_kwargs):
         # Set before importing vllm: some versions read it at import time.
@@ -344,8 +344,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         check_vllm_version(vllm.__version__)
-        if current_platform.is_cpu():
-            llm_kwargs = _cpu_settings(enable_sleep_mode, llm_kwargs)
+        dtype, llm_kwargs = _build_settings(current_platform.is_cpu(), dtype, enable_sleep_mode, llm_kwargs)
         self._vllm = vllm
         self.eos_id = tokenizer.eos_token_id
         self.sleep_mode = enable_sleep_mode
@@ -433,21 +432,25 @@ class VLLMEngine:
         self.asleep -= todo
 
 
-def _cpu_settings(enable_sleep_mode: bool, llm_kwargs: dict) -> dict:
-    """Where vLLM's CPU build needs other settings than the CUDA one (the only such place).
+def _build_settings(on_cpu: bool, dtype: str | None, enable_sleep_mode: bool, llm_kwargs: dict):
+    """(dtype, LLM kwargs): the one place where vLLM's CPU build gets other settings than the CUDA one.
 
-    - Sleep mode frees GPU memory; the CPU worker only logs that it ignores it, so refuse it here.
+    - dtype None: bf16 on CUDA, fp32 on CPU, as models.load_model loads the trainer, so the sampler's
+      log-probs differ from the trainer's by no rounding (on the tiny model bf16 is no faster here).
+    - Sleep mode frees GPU memory; the CPU worker only logs that it ignores it, so it is refused here.
     - The KV cache gets a fixed size: on CPU `gpu_memory_utilization` is a fraction of the machine's RAM
       that must be free at start, which a machine shared with the trainer rarely has. 1 GiB holds 500k
-      tokens of the tiny model and 85k of Qwen2.5-0.5B in bf16; vLLM's VLLM_CPU_KVCACHE_SPACE (GiB) or a
-      kv_cache_memory_bytes argument overrides it.
+      tokens of the tiny model in fp32 and 85k of Qwen2.5-0.5B in bf16; vLLM's VLLM_CPU_KVCACHE_SPACE
+      (GiB) or a kv_cache_memory_bytes argument overrides it.
     - Eager mode: torch.compile of the model costs ~30 s at start on 2 cores, more than it saves in a run
       of the tiny model; pass enforce_eager=False to compile.
     """
+    if not on_cpu:
+        return dtype or "bfloat16", llm_kwargs
     if enable_sleep_mode:
         raise ValueError("vLLM sleep mode needs CUDA (it frees GPU memory); vLLM's CPU build has none: "
                          "drop enable_sleep_mode / --vllm_sleep")
-    return {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True, **llm_kwargs}
+    return dtype or "float32", {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True, **llm_kwargs}
 
 
 # -----------------------------------------------------------------------------

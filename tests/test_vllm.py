@@ -30,14 +30,15 @@ def needs_vllm(test):
 _KV_BYTES = 32 << 20  # the KV cache of the test engines: 16k tokens of these models, allocated at start
 
 
-def vllm_test_model(path, tie, seed=0, max_positions=256):
+def vllm_test_model(path, tie, seed=0, max_positions=256, vocab=None):
     """A 2-layer Qwen2 with the built-in byte tokenizer, saved to `path` for vLLM to load: (model, tok).
-    initializer_range 0.2 keeps greedy decoding far from argmax ties."""
+    initializer_range 0.2 keeps greedy decoding far from argmax ties. `vocab` may exceed the tokenizer's
+    257 ids, as Qwen2.5's 151,936 rows exceed its tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     import tiny
     tok = tiny.make_tokenizer()
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Qwen2Config(vocab_size=vocab or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions,
                       tie_word_embeddings=tie, initializer_range=0.2, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=None)
@@ -48,8 +49,10 @@ def vllm_test_model(path, tie, seed=0, max_positions=256):
 
 
 def vllm_test_engine(path, tok, **kw):
+    """The pinned constructor, fp32 unless `kw` says otherwise, with a small KV cache."""
     from rollout import VLLMEngine
-    return VLLMEngine(str(path), tok, dtype="float32", seed=0, max_model_len=256, kv_cache_memory_bytes=_KV_BYTES, **kw)
+    return VLLMEngine(str(path), tok, **{"dtype": "float32", "seed": 0, "max_model_len": 256,
+                                         "kv_cache_memory_bytes": _KV_BYTES, **kw})
 
 
 def _prompts(count=16, seed=1, lo=2, hi=9):
@@ -127,6 +130,38 @@ def test_vllm_greedy_matches_hf_before_and_after_sync(tmp_path, tie):
     engine.sync_weights(model)
     agree, gap, _ = _greedy_and_gap(engine, model, prompts, tok.eos_token_id)
     assert agree == 16 and gap < 1e-4, (agree, gap)
+
+
+@needs_vllm
+def test_vllm_sync_streams_tensors_in_the_engine_dtype(tmp_path, monkeypatch):
+    """Each tensor reaches vLLM in the engine's dtype, and vLLM lets go of it once its layer is loaded:
+    with FSDP2 each is a freshly gathered full tensor, so that bounds what the sync holds at once.
+    The vocabulary is a multiple of 64, as Qwen2.5's is: vLLM pads other sizes to one, and then keeps
+    the embedding (an incomplete layer to it) until the end of the reload."""
+    import weakref
+    import rollout
+    model, tok = vllm_test_model(tmp_path, tie=True, vocab=320)  # an fp32 trainer
+    engine = vllm_test_engine(tmp_path, tok, dtype="bfloat16")
+    assert engine.dtype == torch.bfloat16
+    dtypes, alive, reload = [], [], rollout._reload_on_worker
+
+    def spy(worker, weights):
+        def watched():
+            held = []  # weak references to every tensor handed over so far
+            for name, tensor in weights:
+                alive.append(sum(r() is not None for r in held))
+                dtypes.append(tensor.dtype)
+                tensor = tensor.clone()  # a fresh tensor, as FSDP2's full_tensor() returns
+                held.append(weakref.ref(tensor))
+                yield name, tensor
+        return reload(worker, watched())
+    monkeypatch.setattr(rollout, "_reload_on_worker", spy)
+    perturb_every_parameter(model, seed=2)
+    engine.sync_weights(model)
+    assert dtypes == [torch.bfloat16] * len(list(model.parameters()))  # tied: embed_tokens carries the head
+    assert len(alive) == 26 and max(alive) <= 6  # one layer's: q, k, v's weights and biases for qkv_proj
+    got, want = engine.generate(_prompts(), 1, 1, 0.0), hf_greedy(model, _prompts(), 1, tok.eos_token_id)
+    assert sum(a == b for a, b in zip(got, want)) >= 13  # first tokens; bf16 rounding may flip a near-tie
 
 
 # ----------------------------------------------------------------------------
@@ -211,7 +246,7 @@ def test_vllm_train_and_eval_end_to_end(tmp_path):
     log = r.stdout + r.stderr
     assert log.count("Reloading and processing weights took") == 3  # one sync per step
     synced = log[log.index("Reloading weights inplace"):]  # (vLLM's first load of the fp32 file warns)
-    assert "Attempted to load weight" not in synced  # pushed in the engine's dtype (bf16 by default)
+    assert "Attempted to load weight" not in synced  # pushed in the engine's dtype
     assert "Failed to load weights" not in synced  # nor any layer left out
     rows = metrics(out)
     assert [row["step"] for row in rows] == [0, 1, 2, 3] and "eval/accuracy" in rows[3]
