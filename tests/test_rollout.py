@@ -1,16 +1,14 @@
 """Tier 2: the sampling engines against slow references. HF greedy decoding == an unpadded
-full-forward loop; seeded sampling reproduces; weight sync copies every parameter; the vLLM
-engine's calls, against a stand-in for vllm (its real tests are in tests/test_vllm.py)."""
+full-forward loop; seeded sampling reproduces; the sampler's log-probs == the trainer's; weight sync
+copies every parameter; engine choice and vLLM's version range. VLLMEngine itself is tested against
+vLLM in tests/test_vllm.py (the vLLM tier)."""
 
-import os
 import sys
-import types
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rollout import HFEngine, VLLMEngine, hf_name, make_engine, resolve_engine, weights_for_sync
+from rollout import HFEngine, check_vllm_version, hf_name, make_engine, resolve_engine, weights_for_sync
 from tests.helpers import fake_tok, tiny_qwen2
 
 
@@ -91,6 +89,44 @@ def test_hf_greedy_deterministic_and_mode_restored():
         assert a[3 * i] == a[3 * i + 1] == a[3 * i + 2]
 
 
+@torch.no_grad()
+def _nucleus_logprobs(model, prompt, completion, temperature, top_p):
+    """log p(token) under softmax(logits / T) restricted to the top-p nucleus and renormalised, from one
+    unpadded full forward: the distribution HFEngine is meant to sample from (greedy: T = 1, no nucleus)."""
+    ids = torch.tensor([list(prompt) + list(completion)])  # [1, L]
+    logits = model(ids).logits[0, len(prompt) - 1:-1] / (temperature if temperature > 0 else 1.0)  # [C, V]
+    if top_p < 1.0:
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)  # [C, V]
+        outside = probs.cumsum(-1) - probs >= top_p  # [C, V]: mass before this token already reaches top_p
+        logits = logits.scatter(1, order, logits.gather(1, order).masked_fill(outside, float("-inf")))
+    return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None])[:, 0].tolist()  # [C]
+
+
+def test_hf_logprobs_are_those_of_the_sampled_distribution():
+    from loss import sequence_logprobs
+    model = _tiny_qwen2().eval()
+    engine = HFEngine(model, _tok())
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (0.0, 1.0)):
+        torch.manual_seed(5)
+        plain = engine.generate(_PROMPTS, 3, 10, temperature, top_p)
+        torch.manual_seed(5)
+        got, lps = engine.generate(_PROMPTS, 3, 10, temperature, top_p, logprobs=True)
+        assert got == plain  # recording draws nothing
+        assert [len(x) for x in lps] == [len(c) for c in got]
+        rows = [p for p in _PROMPTS for _ in range(3)]
+        want = [_nucleus_logprobs(model, p, c, temperature, top_p) for p, c in zip(rows, got)]
+        assert torch.allclose(torch.tensor(sum(lps, [])), torch.tensor(sum(want, [])), atol=1e-5)
+        if temperature == 1.0:  # the trainer's own function: the trainer-vs-sampler gap is ~0 for HF
+            ids = [torch.tensor([p + c]) for p, c in zip(rows, got)]
+            ref = [sequence_logprobs(model, i, torch.ones_like(i))[0, len(p) - 1:] for i, p in zip(ids, rows)]
+            assert torch.allclose(torch.tensor(sum(lps, [])), torch.cat(ref), atol=1e-5)
+        if top_p < 1.0:  # tokens outside the nucleus are never drawn; inside, renormalised log-probs
+            assert all(lp > float("-inf") for x in lps for lp in x)
+    chunked = HFEngine(model, _tok(), max_batch=5)  # chunks of another size: the same log-probs
+    torch.manual_seed(5)
+    assert sum(chunked.generate(_PROMPTS, 3, 10, 0.0, logprobs=True)[1], []) == pytest.approx(sum(lps, []), abs=1e-5)
+
+
 def test_hf_sync_weights_into_a_copy():
     import copy
     trainer = _tiny_qwen2()
@@ -161,122 +197,24 @@ def test_make_engine_auto_picks_hf_without_cuda(monkeypatch):
 def test_make_engine_vllm_missing_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
-    with pytest.raises(ImportError, match="pip install vllm.*--rollout hf"):
+    with pytest.raises(ImportError, match="pip install 'vllm>=0.16,<0.33'.*--rollout hf"):
         make_engine("vllm", None, _tok(), "some/path")
     with pytest.raises(ValueError):
         make_engine("sglang", None, _tok(), "some/path")
 
 
-# ----------------------------------------------------------------------------
-# VLLMEngine against a fake `vllm` module
-
-
-class _OldFakeLLM:
-    """What the tests need of vllm.LLM; no collective_rpc, as in vLLM before 0.7."""
-
-    def __init__(self, **kwargs):
-        self.kwargs, self.calls, self.loaded, self.params = kwargs, [], [], None
-        model = SimpleNamespace(load_weights=self._load_weights)
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(
-            worker=self.worker)))
-
-    def _load_weights(self, weights):
-        self.calls.append("load_weights")
-        self.loaded.extend(list(weights))
-
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        self.calls.append("generate")
-        self.params = sampling_params
-        n = sampling_params.kw["n"]
-        outs = []
-        for p in prompts:
-            ids = p["prompt_token_ids"]
-            samples = [  # out of index order; j%3: 0 stops on _EOS, 1 stops without _EOS shown, 2 runs out
-                SimpleNamespace(index=j, token_ids=[ids[-1], 40 + j] + ([_EOS] if j % 3 == 0 else []),
-                                finish_reason="length" if j % 3 == 2 else "stop")
-                for j in reversed(range(n))]
-            outs.append(SimpleNamespace(outputs=samples))
-        return outs
-
-    def reset_prefix_cache(self):
-        self.calls.append("reset_prefix_cache")
-
-    def sleep(self, level=1):
-        self.calls.append(f"sleep{level}")
-
-    def wake_up(self, tags=None):
-        self.calls.append(f"wake_up{tags or ''}")
-
-
-class _FakeLLM(_OldFakeLLM):
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        self.calls.append("collective_rpc")
-        return [method(self.worker, *args, **(kwargs or {}))]  # a callable gets the worker first
-
-
-class _FakeSamplingParams:
-    def __init__(self, **kw):
-        self.kw = kw
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.LLM, mod.SamplingParams = _FakeLLM, _FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    return mod
-
-
-def test_vllm_engine_construction(fake_vllm, monkeypatch):
-    engine = make_engine("vllm", None, _tok(), "path/to/model", seed=7, enable_sleep_mode=True,
-                         max_model_len=256, gpu_memory_utilization=0.4)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the model lives in this process
-    kw = engine.llm.kwargs
-    assert kw["model"] == "path/to/model" and kw["generation_config"] == "vllm"
-    assert kw["enable_prefix_caching"] and kw["enable_sleep_mode"] and kw["seed"] == 7
-    assert kw["max_model_len"] == 256 and kw["gpu_memory_utilization"] == 0.4
-    assert "distributed_executor_backend" not in kw
-    # under torchrun: external launcher, one seed per tensor-parallel group
-    kw = VLLMEngine("m", _tok(), seed=7, tensor_parallel_size=2, rank=3, world_size=4).llm.kwargs
-    assert kw["distributed_executor_backend"] == "external_launcher" and kw["seed"] == 8
-    assert kw["tensor_parallel_size"] == 2
-
-
-def test_vllm_engine_generate(fake_vllm):
-    engine = VLLMEngine("m", _tok())
-    got = engine.generate([[1, 2], [7]], n=3, max_new_tokens=5, temperature=0.6, top_p=0.95)
-    assert got == [[2, 40, _EOS], [2, 41, _EOS], [2, 42],  # prompt order, then sample index
-                   [7, 40, _EOS], [7, 41, _EOS], [7, 42]]
-    kw = engine.llm.params.kw
-    explicit = {"n": 3, "temperature": 0.6, "top_p": 0.95, "top_k": -1, "min_p": 0.0, "max_tokens": 5,
-                "min_tokens": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "stop_token_ids": [_EOS], "ignore_eos": False, "seed": None, "logprobs": None}
-    assert {k: kw[k] for k in explicit} == explicit
-
-
-def test_vllm_engine_sync_weights_then_reset_prefix_cache(fake_vllm):
-    engine = VLLMEngine("m", _tok(), enable_sleep_mode=True)
-    model = _tiny_qwen2(tie=True)
-    engine.sleep()  # the trainer's turn: vLLM releases its memory
-    engine.sync_weights(model)  # weights memory comes back first, KV cache not yet
-    engine.generate([[1]], n=1, max_new_tokens=2, temperature=1.0)
-    engine.wake_up()  # already awake: no call
-    expected = list(weights_for_sync(model))
-    assert [n for n, _ in engine.llm.loaded] == [n for n, _ in expected]
-    assert "lm_head.weight" not in dict(engine.llm.loaded)
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(engine.llm.loaded, expected))
-    # one load_weights call per tensor, then the prefix cache is dropped
-    assert engine.llm.calls == (["sleep1", "wake_up['weights']"]
-                                + ["collective_rpc", "load_weights"] * len(expected)
-                                + ["reset_prefix_cache", "wake_up['kv_cache']", "generate"])
-    # an LLM without collective_rpc (old vLLM): the in-process executor path
-    engine.llm = _OldFakeLLM()
-    engine.sync_weights(model)
-    assert engine.llm.calls == ["load_weights"] * len(expected) + ["reset_prefix_cache"]
-    assert [n for n, _ in engine.llm.loaded] == [n for n, _ in expected]
-    # without sleep mode, sleep() and wake_up() do nothing
-    plain = VLLMEngine("m", _tok())
-    plain.sleep(), plain.wake_up()
-    assert plain.llm.calls == []
+def test_vllm_version_range_is_one_clear_line(monkeypatch):
+    for ok in ("0.16.0", "0.32.0", "0.32.1.dev3+gabc"):
+        check_vllm_version(ok)
+    for bad in ("0.15.1", "0.33.0", "1.0.0"):
+        with pytest.raises(ImportError, match=rf"^vLLM {bad} is not supported: .*vllm>=0.16,<0.33") as e:
+            check_vllm_version(bad)
+        assert "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "vllm", type(sys)("vllm"))
+    sys.modules["vllm"].__version__ = "0.10.2"  # installed but too old: "vllm" refuses, "auto" falls back
+    with pytest.raises(ImportError, match="0.10.2 is not supported"):
+        resolve_engine("vllm")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_engine("auto") == ("hf", "auto: vllm 0.10.2 is outside the supported range")
+    sys.modules["vllm"].__version__ = "0.32.0"
+    assert resolve_engine("auto") == ("vllm", "auto: CUDA device and vllm 0.32.0 found")
