@@ -93,9 +93,8 @@ def candidates(out_dir):
 
 
 def latest(out_dir):
-    """The newest checkpoint directory that has all its files, or None."""
-    done = [p for p in candidates(out_dir)[0] if all(os.path.exists(os.path.join(p, f))
-                                                  for f in ("config.json", "state.pt"))]
+    """The newest checkpoint directory that a model can be loaded from (eval.py's view), or None."""
+    done = [p for p in candidates(out_dir)[0] if os.path.exists(os.path.join(p, "config.json"))]
     return done[0] if done else None
 
 

@@ -224,9 +224,12 @@ def main(argv=None):
     # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
     # every rank would have to run the same forwards, so the HF engine samples from a full copy
     sampler = copy.deepcopy(model).to(dist.device) if dist.world > 1 and kind == "hf" else model
-    engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
-                         gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
-                         tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world)
+    try:  # a vLLM outside the supported range, or --vllm_sleep on vLLM's CPU build: one line
+        engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
+                             gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
+                             tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world)
+    except (ImportError, ValueError) as e:
+        fail(str(e), dist)
     # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
     # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
     tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
@@ -276,16 +279,18 @@ def main(argv=None):
             # 1. rollout: n samples for each of this rank's prompts (rollout.py)
             idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
             cursor += cfg.batch_prompts
-            completions = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens, cfg.temperature)
+            completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
+                                                 cfg.temperature, logprobs=True)  # and the sampler's log-probs
             if cfg.vllm_sleep:
                 engine.sleep()  # level 1: vLLM hands its memory back to the trainer
-            mine = [(i, completions[g * n:(g + 1) * n]) for g, i in enumerate(idx)][dist.rank % tp::tp]
+            mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
+                    for g, i in enumerate(idx)][dist.rank % tp::tp]
             # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
             groups = [hapo.Group(problems[i].prompt_ids, resp,
                                  [score(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
-                                 problems[i].solution_ids, teacher_ok[i],
+                                 problems[i].solution_ids, teacher_ok[i], sampler_logp=lp,
                                  truncated=[len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp])
-                      for i, resp in mine]
+                      for i, resp, lp in mine]
             # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
             gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
             opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
@@ -301,7 +306,7 @@ def main(argv=None):
             # 9. log
             row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
                    "train/gamma": gamma, "train/lr": opt.param_groups[0]["lr"], **result}
-            gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp in mine for r in resp)))
+            gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp, _ in mine for r in resp)))
             dt = time.time() - t0
             row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
             samples = []

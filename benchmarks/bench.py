@@ -1,26 +1,32 @@
-"""Benchmark: this project's loop against TRL's GRPOTrainer on the same work, in one run.
+"""Benchmark: this project's training step against TRL's GRPOTrainer on the same work, in one run.
 
-    pip install -r requirements-bench.txt   # TRL and datasets: only this file needs them
-    python bench.py                         # ~3 minutes on 2 CPU cores; prints the table
-    python bench.py --json bench.json       # and writes it as JSON
+    pip install -r benchmarks/requirements.txt   # TRL and datasets: only this file needs them
+    python benchmarks/bench.py                   # ~6-9 minutes on 2 CPU cores; prints the tables
+    python benchmarks/bench.py --json bench.json # and writes them as JSON
 
-Three runs train the built-in tiny Qwen2 (randomly initialised, saved to a temporary directory and
-loaded from there) on the built-in task's prompts: ours with --method grpo, TRL's GRPOTrainer, and
-ours with --method hapo. Equal work: 16 prompts x 8 completions per step, each exactly `new_tokens`
-long (both sides suppress EOS with `min_new_tokens`), two micro-batches of 64, one AdamW update per
-step at the same constant learning rate, no KL term, fp32, the same reward function, one torch
-thread each (two threads on two shared cores stall whenever another program holds one of them).
-Each run is its own process, so its peak resident memory (VmHWM) is its own. The runs go in
-lockstep: a step of each in turn, in rotated order, the others waiting, so load from other programs
-and drift hit all three alike. A step is clocked from when its run gets the turn to the end of its
-weight sync (ours) or optimizer step (TRL); medians leave out each run's first `warmup` steps.
-Also: the stages of our step (the README's profile), and the peak memory of per-token log-probs
-over a Qwen-sized vocabulary, chunked (loss.hidden_logprobs) against a naive log_softmax.
+Three measurements, each side in its own process (so peak memory, VmHWM, is its own), one torch
+thread each, in lockstep: a step of each side in turn, the other waiting, so load from other
+programs and drift hit both alike.
+
+1. fixed: the whole loop on the built-in tiny Qwen2 (random weights): 16 prompts x 8 completions of
+   exactly `new_tokens` tokens (EOS is never produced on either side), reward, advantages, one AdamW
+   update. Ours with --method grpo, TRL's GRPOTrainer, ours with --method hapo; our step is the
+   train.py stages called one by one through their public functions, each timed (the profile).
+2. realistic: the training step alone on recorded batches with a real run's length spread: per
+   prompt 8 trajectories, the policy's long-tailed (log-normal) and one teacher row per group 2-3x
+   longer than the group's median, as HAPO injects them. The same rows, advantages and tokens on both
+   sides; ours cuts micro-batches under a token budget and packs them (--micro_batch_tokens, --pack),
+   TRL pads every micro-batch to the batch's longest prompt and completion, as its trainer does.
+   Reported: training tokens/s (real tokens), peak memory, padding waste (padded / real tokens - 1).
+3. log-prob memory: forward + backward of per-token log-probs over Qwen's 151,936-token vocabulary:
+   a naive log_softmax, the checkpointed chunks this project used before, and loss.hidden_logprobs.
 """
 
 import dataclasses
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -29,28 +35,29 @@ import time
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = ("ours:grpo", "trl", "ours:hapo")
-STAGES = ("rollout", "reward", "gate, SSI, advantages, pack", "old log-probs", "loss forward", "loss backward",
-          "grad clip", "optimizer", "weight sync")  # of our step, in train.py's order
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
 
 @dataclass
 class Args:
-    steps: int = 30  # optimizer steps per run
+    steps: int = 20  # fixed: optimizer steps per run
     warmup: int = 3  # first steps of each run left out of the medians
     prompts: int = 16  # prompts per step
     group: int = 8  # completions per prompt
-    new_tokens: int = 48  # tokens per completion, fixed on both sides
-    micro_batch: int = 64  # completions per forward/backward (TRL: per_device_train_batch_size)
+    new_tokens: int = 48  # fixed: tokens per completion on both sides
+    micro_batch: int = 64  # fixed: completions per forward/backward (TRL: per_device_train_batch_size)
     lr: float = 1e-3  # AdamW learning rate, constant
-    threads: int = 1  # torch threads per run
-    lp_tokens: int = 2048  # log-prob memory check: B*T positions (B = 2)
-    lp_hidden: int = 64  # ... hidden size
-    lp_vocab: int = 151936  # ... vocabulary (Qwen2.5's)
+    real_steps: int = 6  # realistic: recorded batches (the first is warm-up)
+    real_median: int = 160  # realistic: median policy response length (log-normal, sigma 0.8)
+    real_max: int = 1024  # realistic: longest policy response (max_new_tokens)
+    real_budget: int = 4096  # realistic: our --micro_batch_tokens
+    real_trl_micro: int = 16  # realistic: TRL's per_device_train_batch_size
+    lp_tokens: int = 1024  # log-prob memory: B*T positions (B = 2)
     lp_chunk: int = 256  # ... positions per chunk of logits
     json: str = ""  # also write the results here
     child: str = ""  # internal: the one run this process does
-    model_dir: str = ""  # internal: where the tiny model was saved
+    model_dir: str = ""  # internal: where the tiny models were saved
     turns: str = ""  # internal: "read_fd,write_fd" of the lockstep pipes
 
 
@@ -68,7 +75,7 @@ def parse_args(argv):
 
 def peak_rss_mb():
     """This process's peak resident set size (VmHWM), in MB."""
-    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
 
 def report(result):  # a child's answer: one line of its stdout
@@ -93,83 +100,89 @@ class Turns:
             os.write(self.fds[1], b".")
 
 
-# ----------------------------------------------------------------------------
-# the runs, each in its own process
-
-
-def run_ours(a, method, turns):
-    """train.py's own main(), with EOS suppressed, in lockstep, each stage of the step timed."""
-    import torch
-    import rollout
+def step_cfg(a, **kw):
+    """The train.Config fields update.optimize reads, at the benchmark's settings."""
     import train
+    return dataclasses.replace(train.Config(), lr=a.lr, micro_batch=a.micro_batch, max_new_tokens=a.new_tokens, **kw)
 
-    config = rollout.HFEngine._config
-    def fixed_length(self, max_new_tokens, temperature, top_p):
-        cfg = config(self, max_new_tokens, temperature, top_p)
-        cfg.min_new_tokens = max_new_tokens  # the same work as TRL: no completion stops early
-        return cfg
-    rollout.HFEngine._config = fixed_length
 
-    steps = []  # per training step: its seconds, and seconds per stage
-    def timed(stage, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if steps:  # not before the first rollout (the teachers are scored at load time)
-                steps[-1][stage] = steps[-1].get(stage, 0.0) + time.perf_counter() - t0
-            return out
-        return wrapper
-    generate, sync = rollout.HFEngine.generate, rollout.HFEngine.sync_weights
-    def step_start(self, prompts, n, *rest, **kwargs):  # stage 1, where a step starts
-        if n != a.group:  # held-out evaluation, outside the step
-            return generate(self, prompts, n, *rest, **kwargs)
+# ----------------------------------------------------------------------------
+# 1. fixed: the whole loop
+
+
+def run_ours_fixed(a, method, turns):
+    """train.py's stages through their public functions, each timed; EOS is never produced."""
+    import torch
+    from types import SimpleNamespace
+    import data, hapo, update
+    from models import load_model
+    from parallel import Dist, Policy
+    from reward import reward
+    from rollout import HFEngine
+
+    model, tok = load_model(os.path.join(a.model_dir, "fixed"), dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # else generate() would fill the engine's "no EOS" from it
+    engine = HFEngine(model, SimpleNamespace(eos_token_id=None, pad_token_id=tok.pad_token_id))  # no EOS to stop on
+    problems, teacher_ok, _, _ = data.training_set("builtin", "", tok, 1024, 8192, 1, reward)
+    cfg, dist, policy = step_cfg(a, method=method), Dist(), Policy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    n, steps = hapo.rollouts_per_group(method, a.group), []
+    clock = lambda: time.perf_counter()
+    for step in range(a.steps):
         turns.take()
-        steps.append({"step_s": time.perf_counter()})
-        return timed("rollout", generate)(self, prompts, n, *rest, **kwargs)
-    def step_end(self, model):  # stage 8, the last of the step's work; a log line follows
-        timed("weight sync", sync)(self, model)
-        steps[-1]["step_s"] = time.perf_counter() - steps[-1]["step_s"]
-        if len(steps) < a.steps:  # after the last step, the run keeps the turn until it exits
+        t, s = {}, clock()
+        idx = data.batch_indices(len(problems), step * a.prompts, a.prompts, 0)
+        completions = engine.generate([problems[i].prompt_ids for i in idx], n, a.new_tokens, 1.0)
+        t["rollout"] = clock() - s
+        assert all(len(c) == a.new_tokens for c in completions), "a completion stopped early"
+        s = clock()
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        groups = [hapo.Group(problems[i].prompt_ids, completions[g * n:(g + 1) * n],
+                             [reward(x, problems[i].answer) for x in texts[g * n:(g + 1) * n]],
+                             problems[i].solution_ids, teacher_ok[i]) for g, i in enumerate(idx)]
+        t["reward"], s = clock() - s, clock()
+        opened, conf = hapo.gate_groups(groups, method, 0.8)
+        trained = hapo.inject(groups, opened, method)
+        batch = hapo.pack(trained, hapo.advantages(trained), tok.pad_token_id)
+        t["gate, SSI, advantages, pack"], s = clock() - s, clock()
+        update.optimize(policy, opt, batch, cfg, dist, lr=a.lr)
+        t["loss, backward, optimizer"], s = clock() - s, clock()
+        engine.sync_weights(model)
+        t["weight sync"] = clock() - s
+        steps.append({"step_s": sum(t.values()), "stages": t, "tokens": sum(map(len, completions))})
+        if step + 1 < a.steps:
             turns.give()
-    rollout.HFEngine.generate, rollout.HFEngine.sync_weights = step_start, step_end
-    train.reward = timed("reward", train.reward)
-    train.build_batch = timed("gate, SSI, advantages, pack", train.build_batch)
-    train.sequence_logprobs = timed("old log-probs", train.sequence_logprobs)
-    train.batch_loss = timed("loss forward", train.batch_loss)
-    torch.Tensor.backward = timed("loss backward", torch.Tensor.backward)
-    torch.nn.utils.clip_grad_norm_ = timed("grad clip", torch.nn.utils.clip_grad_norm_)
-    torch.optim.AdamW.step = timed("optimizer", torch.optim.AdamW.step)
-
-    out = os.path.join(os.path.dirname(a.model_dir), f"out_{method}")
-    train.main(["--model", a.model_dir, "--method", method, "--max_steps", str(a.steps), "--out_dir", out,
-                "--group_size", str(a.group), "--batch_prompts", str(a.prompts), "--micro_batch", str(a.micro_batch),
-                "--max_new_tokens", str(a.new_tokens), "--lr", str(a.lr), "--rollout", "hf",
-                "--eval_problems", "1", "--save_every", str(10**9), "--no-progress"])
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
-    for s, row in zip(steps, rows):
-        s["completion_len"] = row["train/response_len"]
     report({"steps": steps[a.warmup:], "threads": torch.get_num_threads()})  # and exit, holding the turn
 
 
-def run_trl(a, turns):
-    """TRL's GRPOTrainer with our reward, our prompts and the same settings; a callback clocks the steps."""
+def trl_trainer(a, model, tok, **config):
+    """A GRPOTrainer over the built-in prompts with our reward (its loss is what both rows time)."""
     import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import data
     from reward import reward
-
-    tok = AutoTokenizer.from_pretrained(a.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
     problems, _ = data.load_problems("builtin", "train")
     prompts = datasets.Dataset.from_dict({"prompt": [data.render_prompt(tok, p.prompt) for p in problems],
                                           "answer": [p.answer for p in problems]})
-    lengths, steps = [], []
 
-    def correct(completions, answer, completion_ids, **_):
-        lengths.extend(len(c) for c in completion_ids)
-        return [reward(c, ans) for c, ans in zip(completions, answer)]
+    def correct(completions, answer, **_):
+        return [reward(c, x) for c, x in zip(completions, answer)]
+    cfg = GRPOConfig(output_dir=os.path.join(a.model_dir, "out_trl"), seed=0, num_generations=a.group,
+                     temperature=1.0, top_p=1.0, top_k=0, learning_rate=a.lr, lr_scheduler_type="constant",
+                     optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2,
+                     loss_type="dapo", num_iterations=1, bf16=False, gradient_checkpointing=False, use_vllm=False,
+                     use_cpu=True, report_to=[], logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                     **config)
+    return GRPOTrainer(model=model, reward_funcs=correct, args=cfg, train_dataset=prompts, processing_class=tok)
+
+
+def run_trl_fixed(a, turns):
+    """TRL's GRPOTrainer with our reward, our prompts and the same settings; a callback clocks the steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    tok = AutoTokenizer.from_pretrained(os.path.join(a.model_dir, "fixed"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(a.model_dir, "fixed"), dtype=torch.float32)
+    steps = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
@@ -178,44 +191,137 @@ def run_trl(a, turns):
 
         def on_step_end(self, args, state, control, **kwargs):
             steps[-1]["step_s"] = time.perf_counter() - steps[-1]["step_s"]
-            steps[-1]["completion_len"] = statistics.mean(lengths[-a.prompts * a.group:])
             if state.global_step < a.steps:
                 turns.give()
                 self.on_train_begin()
 
-    cfg = GRPOConfig(
-        output_dir=os.path.join(os.path.dirname(a.model_dir), "out_trl"), max_steps=a.steps, seed=0,
-        per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.prompts * a.group // a.micro_batch,
-        num_generations=a.group, max_completion_length=a.new_tokens,
-        generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=a.lr, lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="dapo", num_iterations=1,
-        bf16=False, gradient_checkpointing=False, use_vllm=False, use_cpu=True,
-        report_to=[], logging_strategy="no", save_strategy="no", disable_tqdm=True)
-    GRPOTrainer(model=model, reward_funcs=correct, args=cfg, train_dataset=prompts, processing_class=tok,
-                callbacks=[Clock()]).train()
-    report({"steps": steps[a.warmup:], "threads": torch.get_num_threads()})  # and exit, holding the turn
+    trainer = trl_trainer(a, model, tok, max_steps=a.steps, per_device_train_batch_size=a.micro_batch,
+                          gradient_accumulation_steps=a.prompts * a.group // a.micro_batch,
+                          max_completion_length=a.new_tokens, generation_kwargs={"min_new_tokens": a.new_tokens})
+    trainer.add_callback(Clock())
+    trainer.train()
+    report({"steps": steps[a.warmup:], "threads": torch.get_num_threads()})
+
+
+# ----------------------------------------------------------------------------
+# 2. realistic: recorded batches with a real length spread, the training step alone
+
+
+def recorded_batches(a):
+    """The same list of groups in every process: prompts of 20-60 tokens; per prompt 7 policy rows of
+    log-normal length (median real_median, capped at real_max) and one teacher row 2-3x the group's
+    median; rewards 1 for the teacher and 1 in 4 of the rest."""
+    import hapo
+    rng, out = random.Random(1234), []
+    tokens = lambda k: [rng.randrange(1, 257) for _ in range(k)]
+    for _ in range(a.real_steps):
+        groups = []
+        for _ in range(a.prompts):
+            lengths = [min(a.real_max, max(4, int(rng.lognormvariate(math.log(a.real_median), 0.8))))
+                       for _ in range(a.group - 1)]
+            teacher = int(statistics.median(lengths) * rng.uniform(2, 3))
+            rows, rewards = [tokens(k) for k in lengths] + [tokens(teacher)], [float(rng.random() < 0.25)
+                                                                             for _ in lengths] + [1.0]
+            groups.append(hapo.Group(tokens(rng.randrange(20, 61)), rows, rewards, teacher_at=a.group - 1))
+        out.append(groups)
+    return out
+
+
+def run_ours_realistic(a, turns):
+    import torch
+    import hapo, update
+    from models import load_model
+    from parallel import Dist, Policy
+    model, _ = load_model(os.path.join(a.model_dir, "realistic"), dtype=torch.float32)
+    cfg = step_cfg(a, micro_batch_tokens=a.real_budget, pack=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    steps, batches = [], recorded_batches(a)
+    for b, groups in enumerate(batches):
+        turns.take()
+        t = time.perf_counter()
+        batch = hapo.pack(groups, hapo.advantages(groups), 0)
+        update.optimize(Policy(model), opt, batch, cfg, Dist(), lr=a.lr)
+        steps.append({"step_s": time.perf_counter() - t, "tokens": int(batch.attention_mask.sum()),
+                      "processed": sum(mb.input_ids.numel() for mb in update.micro_batches(batch, cfg)[0])})
+        if b + 1 < len(batches):
+            turns.give()
+    report({"steps": steps[1:]})  # and exit, holding the turn
+
+
+def run_trl_realistic(a, turns):
+    """TRL's loss (GRPOTrainer._compute_loss, loss_type dapo) on the same groups, padded as TRL pads a
+    generation batch: prompts left, completions right, all to the batch's longest, then split into
+    micro-batches of real_trl_micro rows; one AdamW step with gradient clipping after them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import hapo
+    tok = AutoTokenizer.from_pretrained(os.path.join(a.model_dir, "realistic"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(a.model_dir, "realistic"), dtype=torch.float32)
+    n_micro = a.prompts * a.group // a.real_trl_micro
+    trainer = trl_trainer(a, model, tok, per_device_train_batch_size=a.real_trl_micro,
+                          gradient_accumulation_steps=n_micro, max_completion_length=a.real_max * 3)
+    trainer.current_gradient_accumulation_steps = n_micro  # what its training loop would set
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    model.train()
+    steps, batches = [], recorded_batches(a)
+    for b, groups in enumerate(batches):
+        turns.take()
+        t = time.perf_counter()
+        adv = hapo.advantages(groups)  # [M, N]
+        rows = [(g.prompt_ids, r, float(adv[i, k])) for i, g in enumerate(groups) for k, r in enumerate(g.responses)]
+        P, C = max(len(p) for p, _, _ in rows), max(len(r) for _, r, _ in rows)
+        prompt_ids = torch.tensor([[0] * (P - len(p)) + p for p, _, _ in rows])  # [B, P], left-padded
+        prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p, _, _ in rows])
+        completion_ids = torch.tensor([r + [0] * (C - len(r)) for _, r, _ in rows])  # [B, C], right-padded
+        completion_mask = torch.tensor([[1] * len(r) + [0] * (C - len(r)) for _, r, _ in rows])
+        advantages = torch.tensor([x for _, _, x in rows])
+        total = completion_mask.sum().float()
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, len(rows), a.real_trl_micro):
+            part = slice(s, s + a.real_trl_micro)
+            trainer._compute_loss(model, {"prompt_ids": prompt_ids[part], "prompt_mask": prompt_mask[part],
+                                          "completion_ids": completion_ids[part],
+                                          "completion_mask": completion_mask[part],
+                                          "advantages": advantages[part], "num_items_in_batch": total}).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps.append({"step_s": time.perf_counter() - t, "tokens": int(prompt_mask.sum() + completion_mask.sum()),
+                      "processed": len(rows) * (P + C)})
+        if b + 1 < len(batches):
+            turns.give()
+    report({"steps": steps[1:]})  # and exit, holding the turn
+
+
+# ----------------------------------------------------------------------------
+# 3. log-prob memory at Qwen's vocabulary
 
 
 def run_logprobs(a, kind):
-    """Peak memory of per-token log-probs, forward and backward, over [B, T, V] = [2, lp_tokens / 2, lp_vocab]."""
+    """Peak memory and time of forward + backward over [B, T, V] = [2, lp_tokens / 2, 151936], H = 64."""
     import torch
+    from torch.utils.checkpoint import checkpoint
     from loss import hidden_logprobs
 
+    def chunk(h, w, t):  # the previous implementation: each chunk's logits recomputed by autograd
+        z = (h @ w.t()).float()
+        return z.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
     torch.manual_seed(0)
-    B, T = 2, a.lp_tokens // 2
-    hidden = torch.randn(B, T, a.lp_hidden, requires_grad=True)  # [B, T, H]
-    weight = (0.02 * torch.randn(a.lp_vocab, a.lp_hidden)).requires_grad_()  # [V, H]
-    targets = torch.randint(a.lp_vocab, (B, T))  # [B, T]
-    advantages = torch.randn(B, 1)  # [B, 1]
+    B, T, V = 2, a.lp_tokens // 2, 151936
+    hidden = torch.randn(B, T, 64, requires_grad=True)  # [B, T, H]
+    weight = (0.02 * torch.randn(V, 64)).requires_grad_()  # [V, H]
+    targets = torch.randint(V, (B, T))  # [B, T]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: only the forward+backward below counts
     base, t0 = peak_rss_mb(), time.perf_counter()
-    if kind == "chunked":
-        logp = hidden_logprobs(hidden, weight, targets, a.lp_chunk)  # [B, T]
+    if kind == "naive":
+        logp = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    elif kind == "checkpointed":
+        flat, tgt = hidden.reshape(B * T, 64), targets.reshape(B * T)
+        logp = torch.cat([checkpoint(chunk, flat[i:i + a.lp_chunk], weight, tgt[i:i + a.lp_chunk], use_reentrant=False)
+                          for i in range(0, B * T, a.lp_chunk)])
     else:
-        logp = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, T]
-    (-(advantages * logp).mean()).backward()
+        logp = hidden_logprobs(hidden, weight, targets, a.lp_chunk)
+    logp.sum().backward()
     report({"extra_mb": peak_rss_mb() - base, "seconds": time.perf_counter() - t0})
 
 
@@ -231,9 +337,9 @@ def start(a, kind, in_lockstep):
     go, done = os.pipe(), os.pipe()
     if in_lockstep:
         argv += ["--turns", f"{go[0]},{done[1]}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=out, stderr=err, pass_fds=(go[0], done[1]), text=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err, pass_fds=(go[0], done[1]), text=True)
     os.close(go[0]), os.close(done[1])  # so that a run's exit reads as end-of-file
     return {"kind": kind, "proc": proc, "out": out, "err": err, "go": go[1], "done": done[0]}
 
@@ -248,12 +354,12 @@ def finish(run):
     return json.loads(results[-1])
 
 
-def lockstep(a):
-    """The three runs, one step each in turn; returns {kind: result}."""
-    runs, results, t0 = [start(a, kind, in_lockstep=True) for kind in RUNS], {}, time.time()
+def lockstep(a, kinds, steps):
+    """Runs of `kinds`, one step each in turn (rotated order); returns {kind: result}."""
+    runs, results, t0 = [start(a, kind, in_lockstep=True) for kind in kinds], {}, time.time()
     try:
-        for turn in range(-1, a.steps):  # turn -1: until every run has started up
-            for run in runs[turn % 3:] + runs[:turn % 3]:  # rotated: no run always follows the same one
+        for turn in range(-1, steps):  # turn -1: until every run has started up
+            for run in runs[turn % len(runs):] + runs[:turn % len(runs)]:
                 if run["kind"] in results:
                     continue
                 if turn >= 0:
@@ -261,7 +367,7 @@ def lockstep(a):
                 if os.read(run["done"], 1) != b".":  # it exited: after its last step, or it failed
                     results[run["kind"]] = finish(run)
             if turn >= 0:
-                print(f"step {turn + 1}/{a.steps} of each run done ({time.time() - t0:.0f}s)", flush=True)
+                print(f"{'/'.join(kinds)}: step {turn + 1}/{steps} of each run ({time.time() - t0:.0f}s)", flush=True)
         return results
     finally:  # on a failure, stop the others
         for run in runs:
@@ -269,83 +375,92 @@ def lockstep(a):
                 run["proc"].kill()
 
 
-def summary(result, a):
+def summary(result, tokens=None):
     steps = [s["step_s"] for s in result["steps"]]
     median = statistics.median(steps)
-    return {"step_s": median, "tokens_per_s": a.prompts * a.group * a.new_tokens / median,
-            "peak_rss_mb": result["peak_rss_mb"], "torch_threads": result["threads"],
-            "completion_len": statistics.mean(s["completion_len"] for s in result["steps"]),
-            "steps_s": [round(s, 3) for s in steps]}
+    tokens = tokens or statistics.mean(s["tokens"] for s in result["steps"])
+    out = {"step_s": median, "tokens_per_s": tokens / median, "peak_rss_mb": result["peak_rss_mb"],
+           "steps_s": [round(s, 3) for s in steps]}
+    if "processed" in result["steps"][0]:
+        out["padding_waste"] = statistics.mean(s["processed"] / s["tokens"] - 1 for s in result["steps"])
+    return out
 
 
 def main(a):
     import importlib.util
     if importlib.util.find_spec("trl") is None:
-        sys.exit("bench.py: TRL is not installed: pip install -r requirements-bench.txt")
+        sys.exit("bench.py: TRL is not installed: pip install -r benchmarks/requirements.txt")
     import tiny
+    from transformers.utils import logging
+    logging.disable_progress_bar()
     t0, load, tmp = time.time(), [os.getloadavg()[0]], tempfile.TemporaryDirectory(prefix="bench_")
-    a.model_dir = os.path.join(tmp.name, "tiny")  # the runs write their outputs next to it
+    a.model_dir = tmp.name
     tok = tiny.make_tokenizer()
-    tiny.make_model(tok).save_pretrained(a.model_dir), tok.save_pretrained(a.model_dir)
-    runs = lockstep(a)
+    for name, kw in (("fixed", {}), ("realistic", {"max_position_embeddings": 4096})):
+        tiny.make_model(tok, **kw).save_pretrained(os.path.join(tmp.name, name))
+        tok.save_pretrained(os.path.join(tmp.name, name))
+    fixed = lockstep(a, ("ours:grpo", "trl", "ours:hapo"), a.steps)
+    real = lockstep(a, ("real:ours", "real:trl"), a.real_steps)
+    mem = {k: finish(start(a, f"logprobs:{k}", in_lockstep=False)) for k in ("naive", "checkpointed", "fused")}
     load.append(os.getloadavg()[0])
-    ours, trl, hapo = summary(runs["ours:grpo"], a), summary(runs["trl"], a), summary(runs["ours:hapo"], a)
-    profile = {}  # stage medians, like the steps': robust to a step slowed by another program
-    for m in ("grpo", "hapo"):
-        steps = runs[f"ours:{m}"]["steps"]
-        profile[m] = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in STAGES}
-        profile[m]["other (decode, ...)"] = statistics.median(s["step_s"] - sum(s.get(k, 0.0) for k in STAGES)
-                                                              for s in steps)
-    mem = {kind: finish(start(a, f"logprobs:{kind}", in_lockstep=False)) for kind in ("naive", "chunked")}
+    work = a.prompts * a.group * a.new_tokens
+    ours, trl, hapo = (summary(fixed[k], work) for k in ("ours:grpo", "trl", "ours:hapo"))
+    profile = {m: {k: statistics.median(s["stages"][k] for s in fixed[f"ours:{m}"]["steps"])
+                   for k in fixed[f"ours:{m}"]["steps"][0]["stages"]} for m in ("grpo", "hapo")}
+    r_ours, r_trl = summary(real["real:ours"]), summary(real["real:trl"])
     res = {"ours": ours, "trl": trl, "hapo": hapo, "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
-           "ratio_peak_rss": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-           "hapo_overhead": hapo["step_s"] / ours["step_s"] - 1,
-           "profile": profile, "load_average": load, "cpus": os.cpu_count(), "seconds": time.time() - t0,
-           "logprob_memory": {"naive_mb": mem["naive"]["extra_mb"], "chunked_mb": mem["chunked"]["extra_mb"],
-                              "naive_s": mem["naive"]["seconds"], "chunked_s": mem["chunked"]["seconds"],
-                              "one_chunk_mb": a.lp_chunk * a.lp_vocab * 4 / 2**20,
-                              "all_logits_mb": a.lp_tokens * a.lp_vocab * 4 / 2**20},
-           "settings": {k: v for k, v in dataclasses.asdict(a).items()
-                        if k not in ("child", "model_dir", "turns", "json")}}
-    print_table(res, a)
+           "ratio_peak_rss": ours["peak_rss_mb"] / trl["peak_rss_mb"], "hapo_overhead": hapo["step_s"] / ours["step_s"] - 1,
+           "profile": profile,
+           "realistic": {"ours": r_ours, "trl": r_trl, "ratio_tokens_per_s": r_ours["tokens_per_s"] / r_trl["tokens_per_s"],
+                         "ratio_peak_rss": r_ours["peak_rss_mb"] / r_trl["peak_rss_mb"]},
+           "logprob_memory": {k: {"extra_mb": v["extra_mb"], "seconds": v["seconds"]} for k, v in mem.items()},
+           "load_average": load, "cpus": os.cpu_count(), "seconds": time.time() - t0,
+           "settings": {k: v for k, v in dataclasses.asdict(a).items() if k not in ("child", "model_dir", "turns", "json")}}
+    print_tables(res, a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {a.json}")
 
 
-def print_table(r, a):
-    print(f"\n{a.prompts} prompts x {a.group} completions x {a.new_tokens} tokens per step, {a.threads} torch "
-          f"thread(s) per run; medians over steps {a.warmup + 1}-{a.steps} of each run")
-    print(f"{'system':22s} {'step s':>7s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'completion len':>15s}")
-    for name, s in (("ours (--method grpo)", r["ours"]), ("TRL GRPOTrainer", r["trl"]),
-                    ("ours (--method hapo)", r["hapo"])):
-        print(f"{name:22s} {s['step_s']:7.3f} {s['tokens_per_s']:9.0f} {s['peak_rss_mb']:12.0f} "
-              f"{s['completion_len']:15.1f}")
+def print_tables(r, a):
+    print(f"\nfixed: {a.prompts} prompts x {a.group} completions x {a.new_tokens} tokens per step, one torch thread "
+          f"per run; medians over steps {a.warmup + 1}-{a.steps}")
+    print(f"{'system':22s} {'step s':>7s} {'tokens/s':>9s} {'peak RSS MB':>12s}")
+    for name, s in (("ours (--method grpo)", r["ours"]), ("TRL GRPOTrainer", r["trl"]), ("ours (--method hapo)", r["hapo"])):
+        print(f"{name:22s} {s['step_s']:7.3f} {s['tokens_per_s']:9.0f} {s['peak_rss_mb']:12.0f}")
     print(f"ours/TRL: tokens/s x{r['ratio_tokens_per_s']:.2f}, peak RSS x{r['ratio_peak_rss']:.2f}; "
           f"HAPO step over GRPO step: {100 * r['hapo_overhead']:+.1f}%")
-    if max(r["load_average"]) > r["cpus"]:
-        print(f"note: load average up to {max(r['load_average']):.1f} on {r['cpus']} CPUs: other programs shared "
-              "the machine; the lockstep shares their load out evenly, but every figure is noisier")
-    print("\nwhere our step goes (seconds, median over the measured steps)")
-    total = sum(r["profile"]["grpo"].values())
+    print("where our step goes (median seconds)")
     for stage, g in r["profile"]["grpo"].items():
-        print(f"  {stage:30s} grpo {g:6.3f} ({100 * g / total:4.1f}%)   hapo {r['profile']['hapo'][stage]:6.3f}")
+        print(f"  {stage:30s} grpo {g:6.3f}   hapo {r['profile']['hapo'][stage]:6.3f}")
+    q = r["realistic"]
+    print(f"\nrealistic: the training step on {a.real_steps - 1} recorded batches (median policy row {a.real_median}, "
+          f"teacher rows 2-3x), ours --micro_batch_tokens {a.real_budget} --pack, TRL micro-batches of {a.real_trl_micro}")
+    print(f"{'system':22s} {'step s':>7s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'padding waste':>14s}")
+    for name, s in (("ours", q["ours"]), ("TRL", q["trl"])):
+        print(f"{name:22s} {s['step_s']:7.3f} {s['tokens_per_s']:9.0f} {s['peak_rss_mb']:12.0f} "
+              f"{100 * s['padding_waste']:13.0f}%")
+    print(f"ours/TRL: tokens/s x{q['ratio_tokens_per_s']:.2f}, peak RSS x{q['ratio_peak_rss']:.2f}")
     m = r["logprob_memory"]
-    print(f"\nlog-probs over [2, {a.lp_tokens // 2}, {a.lp_vocab}] (H = {a.lp_hidden}), forward + backward, peak RSS "
-          f"above the inputs: naive log_softmax {m['naive_mb']:.0f} MB ({m['naive_s']:.1f}s), chunked "
-          f"({a.lp_chunk} positions) {m['chunked_mb']:.0f} MB ({m['chunked_s']:.1f}s); one chunk of fp32 logits "
-          f"{m['one_chunk_mb']:.0f} MB, all of them {m['all_logits_mb']:.0f} MB")
+    print(f"\nlog-probs over [2, {a.lp_tokens // 2}, 151936], forward + backward, peak RSS above the inputs: "
+          + ", ".join(f"{k} {v['extra_mb']:.0f} MB ({v['seconds']:.1f} s)" for k, v in m.items()))
+    if max(r["load_average"]) > r["cpus"]:
+        print(f"note: load average up to {max(r['load_average']):.1f} on {r['cpus']} CPUs: other programs shared the "
+              "machine; the lockstep shares their load out evenly, but every figure is noisier")
 
 
 if __name__ == "__main__":
     args = parse_args(sys.argv[1:])
-    sys.path.insert(0, HERE)
     if not args.child:
         main(args)
     elif args.child == "trl":
-        run_trl(args, Turns(args.turns))
+        run_trl_fixed(args, Turns(args.turns))
     elif args.child.startswith("ours:"):
-        run_ours(args, args.child[5:], Turns(args.turns))
+        run_ours_fixed(args, args.child[5:], Turns(args.turns))
+    elif args.child == "real:ours":
+        run_ours_realistic(args, Turns(args.turns))
+    elif args.child == "real:trl":
+        run_trl_realistic(args, Turns(args.turns))
     else:
         run_logprobs(args, args.child.split(":")[1])

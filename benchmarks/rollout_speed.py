@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from models import load_model, resolve_model  # noqa: E402
-from rollout import HFEngine, VLLMEngine, _vllm_version  # noqa: E402
+from rollout import HFEngine, VLLMEngine, installed_vllm_version  # noqa: E402
 
 
 def timed(engine, prompts, args):
@@ -54,11 +54,11 @@ def main(argv=None):
     if "hf" in args.engines:
         torch.manual_seed(0)
         rows.append(("hf (transformers generate, fp32)", 0.0, *timed(HFEngine(model, tok), prompts, args)))
-    if "vllm" in args.engines and _vllm_version():
+    if "vllm" in args.engines and installed_vllm_version():
         for dtype in args.dtypes:
             t0 = time.perf_counter()
             engine = VLLMEngine(path, tok, dtype=dtype, seed=0)
-            rows.append((f"vllm {_vllm_version()} ({dtype})", time.perf_counter() - t0, *timed(engine, prompts, args)))
+            rows.append((f"vllm {installed_vllm_version()} ({dtype})", time.perf_counter() - t0, *timed(engine, prompts, args)))
             del engine
     print("| engine | start-up (s) | tokens / wall s | tokens / CPU s | tokens per call |\n|---|---:|---:|---:|---:|")
     for name, start, wall, cpu, tokens in rows:

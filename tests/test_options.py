@@ -153,3 +153,22 @@ def test_learning_rate_schedules():
     assert [lr(s, lr_schedule="linear", warmup_steps=1) for s in (0, 1, 6)] == [1.0, 1.0, 0.5]
     cos = [lr(s, lr_schedule="cosine", warmup_steps=1) for s in (1, 6, 11)]
     assert cos == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+
+
+def test_importance_sampling_correction_uses_the_samplers_logprobs():
+    """--is_correction: each on-policy token's loss times min(pi_old / pi_sampler, cap), from the
+    log-probs the engine reported; off, the same batch gives the plain loss."""
+    model, batch = tiny_qwen2().double(), _batch()
+    n = batch.num_tokens()
+    with torch.no_grad():
+        logp = sequence_logprobs(model, batch.input_ids, batch.attention_mask)  # [B, L-1]
+    shift = torch.linspace(-1.0, 1.0, logp.numel()).view_as(logp).double()
+    batch.sampler_logp = (logp - shift) * batch.loss_mask  # pi_old / pi_sampler = exp(shift) on response tokens
+    plain, stats = hapo.batch_loss(model, batch, "hapo", n)
+    capped, _ = hapo.batch_loss(model, batch, "hapo", n, is_cap=2.0)
+    weights = torch.exp(logp - batch.sampler_logp).clamp(max=2.0)  # [B, L-1]
+    want = hapo_loss(logp, logp, batch.advantages, batch.loss_mask, batch.teacher, num_tokens=n, is_weights=weights)
+    assert capped.item() == pytest.approx(want.item(), rel=1e-9) and capped.item() != pytest.approx(plain.item())
+    on = batch.loss_mask * ~batch.teacher[:, None]
+    assert stats["gap_sum"].item() / stats["gap_tokens"].item() == pytest.approx(
+        ((shift.abs() * on).sum() / on.sum()).item(), rel=1e-6)

@@ -139,11 +139,11 @@ def test_vllm_sync_streams_tensors_in_the_engine_dtype(tmp_path, monkeypatch):
     The vocabulary is a multiple of 64, as Qwen2.5's is: vLLM pads other sizes to one, and then keeps
     the embedding (an incomplete layer to it) until the end of the reload."""
     import weakref
-    import rollout
+    import vllm_engine
     model, tok = vllm_test_model(tmp_path, tie=True, vocab=320)  # an fp32 trainer
     engine = vllm_test_engine(tmp_path, tok, dtype="bfloat16")
     assert engine.dtype == torch.bfloat16
-    dtypes, alive, reload = [], [], rollout._reload_on_worker
+    dtypes, alive, reload = [], [], vllm_engine.reload_on_worker
 
     def spy(worker, weights):
         def watched():
@@ -155,7 +155,7 @@ def test_vllm_sync_streams_tensors_in_the_engine_dtype(tmp_path, monkeypatch):
                 held.append(weakref.ref(tensor))
                 yield name, tensor
         return reload(worker, watched())
-    monkeypatch.setattr(rollout, "_reload_on_worker", spy)
+    monkeypatch.setattr(vllm_engine, "reload_on_worker", spy)
     perturb_every_parameter(model, seed=2)
     engine.sync_weights(model)
     assert dtypes == [torch.bfloat16] * len(list(model.parameters()))  # tied: embed_tokens carries the head
