@@ -185,6 +185,23 @@ def read_state(path, dist):
     return state
 
 
+def find_resumable(out_dir, load, dist):
+    """(path, model, tokenizer, state) of the newest checkpoint that reads back whole: `load(path)`
+    gives (model, tokenizer). A damaged `latest` or checkpoint is passed over with a warning line
+    each, down to the oldest; none readable raises CheckpointError."""
+    paths, problem = candidates(out_dir)
+    say = (lambda msg: print(f"train.py: warning: {msg}", file=sys.stderr)) if dist.master else (lambda msg: None)
+    if problem and paths:
+        say(f"{problem}; trying the newest checkpoint directory, {paths[0]}")
+    for path in paths:
+        try:
+            return (path, *load(path), read_state(path, dist))
+        except Exception as e:  # DataError from the loader, CheckpointError from read_state, or worse
+            say(f"cannot resume from {path} ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__}); "
+                "trying the previous checkpoint")
+    raise CheckpointError(f"--resume: no readable checkpoint in '{out_dir}'")
+
+
 def load_state(state, model, opt, dist):
     """state.pt's optimizer and this rank's RNG into the run (the model came from the checkpoint's
     directory). Under FSDP2 rank 0 holds the full optimizer state and broadcasts it into the shards."""

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+import checkpoint
 import tiny
 from data import DataError
 
@@ -21,8 +22,7 @@ def resolve_model(name: str) -> str:
             raise DataError(f"the built-in model is missing from {tiny.SHIPPED}: rebuild it with `python tiny.py`")
         return tiny.SHIPPED
     if os.path.isfile(os.path.join(name, "latest")) and not os.path.exists(os.path.join(name, "config.json")):
-        import checkpoint  # a training out_dir: its newest complete checkpoint
-        found = checkpoint.latest(name)
+        found = checkpoint.latest(name)  # a training out_dir: its newest checkpoint
         if found is None:
             raise DataError(f"'{name}' is a training out_dir without a complete checkpoint")
         return found
@@ -35,14 +35,16 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(path: str, need_weights: bool = True, dtype=None):
+def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementation=None):
     """(model or None, tokenizer) from resolve_model's answer. Weights are skipped when vLLM loads its
-    own; the default dtype is bf16 on a GPU and fp32 on a CPU. Raises DataError (one line)."""
+    own; the default dtype is bf16 on a GPU and fp32 on a CPU; attn_implementation (sdpa, eager,
+    flash_attention_2) defaults to transformers' choice. Raises DataError (one line)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if need_weights else None
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw) if need_weights else None
     except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways (SafetensorError, ...)
         where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
         raise DataError(f"could not load model '{path}'{where}: {str(err).strip().splitlines()[0]}") from None

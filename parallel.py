@@ -99,6 +99,18 @@ class Policy(torch.nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
+def wrap(model, d: Dist, grad_checkpointing=False) -> Policy:
+    """The trained policy: the model on the device, recomputing activations in the backward pass if
+    asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun."""
+    model.to(d.device)
+    if grad_checkpointing:
+        model.activation_checkpointing_enable()
+    policy = Policy(model)
+    if d.world > 1:
+        shard(policy, d)
+    return policy
+
+
 def shard(policy: Policy, d: Dist) -> None:
     """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -74,6 +74,7 @@ class Log:
                 rewrite_jsonl(path, keep)
             if torn:
                 self.notes.append(f"{path}: dropped a torn last line")
+                print(f"resume: {self.notes[-1]}")
         for name in report_to:
             if name != "none":
                 self.trackers.append(_open_tracker(name, out_dir, config or {}))
@@ -123,6 +124,14 @@ def _open_tracker(name, out_dir, config):
     log = lambda row: trackio.log(numbers(row), step=row["step"])
     log.close = trackio.finish
     return log
+
+
+def line(row):
+    """The terminal's line for a step's metrics row."""
+    acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
+    return (f"step {row['step']:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
+            f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | zero-var "
+            f"{row['train/zero_var_frac']:.2f} | loss {row['train/loss']:+.4f} | {row['time/step_s']:.2f}s{acc}")
 
 
 def train_samples(groups, tokenizer, step):

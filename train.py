@@ -35,7 +35,7 @@ import update
 from checkpoint import CheckpointError
 from data import DataError
 from gate import SCHEDULES, threshold
-from reward import check_checker, reward
+from reward import CHECKERS, check_checker, reward
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Config:
     tensor_parallel: int = 1  # vLLM tensor parallel size under torchrun
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory)
     chunk_size: int = 1024  # positions per chunk of full-vocabulary logits
+    attn: str = "sdpa"  # attention kernel: sdpa | eager | flash_attention_2 (varlen: what makes --pack pay off)
     progress: bool = True  # tqdm bar
 
 
@@ -96,17 +97,17 @@ class Config:
 MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "max_steps", "eval_every", "save_every",
                         "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
                         "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
-                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack"}
+                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn"}
+
+
+CHOICES = {"method": sorted(hapo.METHODS), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
+           "loss_norm": ("token_mean", "constant"), "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
+           "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3")}
 
 
 def problems_with(cfg, world):
-    """Every flag's bounds, in one place: the first violated one's message, or None."""
-    checks = [(cfg.method in hapo.METHODS, f"--method must be one of {sorted(hapo.METHODS)}"),
-              (cfg.gamma_schedule in SCHEDULES, f"--gamma_schedule must be one of {SCHEDULES}"),
-              (cfg.lr_schedule in ("constant", "linear", "cosine"), "--lr_schedule must be constant, linear or cosine"),
-              (cfg.loss_norm in ("token_mean", "constant"), "--loss_norm must be token_mean or constant"),
-              (cfg.rollout in ("auto", "hf", "vllm"), "--rollout must be auto, hf or vllm"),
-              (0 < cfg.gamma <= 1 and 0 < cfg.gamma_end <= 1, "--gamma and --gamma_end must be in (0, 1]"),
+    """Every flag's bounds, in one place (choices are argparse's): the first violated one's message, or None."""
+    checks = [(0 < cfg.gamma <= 1 and 0 < cfg.gamma_end <= 1, "--gamma and --gamma_end must be in (0, 1]"),
               (cfg.group_size >= 2, "--group_size must be at least 2 (advantages need a group)"),
               (cfg.batch_prompts >= 1 and cfg.max_steps >= 0, "--batch_prompts must be >= 1 and --max_steps >= 0"),
               (cfg.mini_batches >= 1 and cfg.micro_batch >= 1, "--mini_batches and --micro_batch must be >= 1"),
@@ -155,38 +156,23 @@ def parse_args(argv, dist):
     p = Parser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
-        p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), **kind)
+        p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), choices=CHOICES.get(f.name), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
     if msg := problems_with(cfg, dist.world):
         p.error(msg)
     return cfg
 
 
-def resume_from(cfg, dist, load_model):
-    """The newest readable checkpoint in out_dir: (path, model, tokenizer, state), falling back past
-    damaged ones with a line each; then the config checked against the checkpoint's."""
-    paths, problem = checkpoint.candidates(cfg.out_dir)
-    if problem and paths and dist.master:
-        print(f"train.py: warning: {problem}; trying the newest checkpoint directory, {paths[0]}", file=sys.stderr)
-    for path in paths:
-        try:
-            model, tok = load_model(path, dtype=torch.float32)
-            state = checkpoint.read_state(path, dist)
-        except (DataError, CheckpointError) as e:
-            if dist.master:
-                print(f"train.py: warning: cannot resume from {path} ({str(e).splitlines()[0][:300]}); "
-                      "trying the previous checkpoint", file=sys.stderr)
-            continue
-        old, new = state["config"], dataclasses.asdict(cfg)
-        mixed = [k for k in new if k not in MAY_CHANGE_ON_RESUME and k in old and old[k] != new[k]]
-        if mixed:
-            fail(f"--resume: {path} was trained with --{mixed[0]} {old[mixed[0]]}, not {new[mixed[0]]}: that would "
-                 "mix two experiments (use another --out_dir, or the same flag)", dist)
-        changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
-        if changed and dist.master:
-            print(f"resume: applying {', '.join(changed)}")
-        return path, model, tok, state
-    fail(f"--resume: no readable checkpoint in '{cfg.out_dir}'", dist)
+def check_resume(cfg, old, path, dist):
+    """Refuse a resumed run whose config would mix two experiments; say which changes are applied."""
+    new = dataclasses.asdict(cfg)
+    mixed = [k for k in new if k not in MAY_CHANGE_ON_RESUME and k in old and old[k] != new[k]]
+    if mixed:
+        fail(f"--resume: {path} was trained with --{mixed[0]} {old[mixed[0]]}, not {new[mixed[0]]}: that would "
+             "mix two experiments (use another --out_dir, or the same flag)", dist)
+    changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
+    if changed and dist.master:
+        print(f"resume: applying {', '.join(changed)}")
 
 
 # ----------------------------------------------------------------------------
@@ -209,13 +195,16 @@ def main(argv=None):
         fail(str(e), dist)
     torch.manual_seed(cfg.seed + dist.rank), random.seed(cfg.seed + dist.rank), np.random.seed(cfg.seed + dist.rank)
     try:
-        start_dir, model, tok, state = resume_from(cfg, dist, load_model) if cfg.resume else \
-            (None, *load_model(resolve_model(cfg.model), dtype=torch.float32), None)
+        load = lambda path: load_model(path, dtype=torch.float32, attn_implementation=cfg.attn)
+        start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist) if cfg.resume else \
+            (None, *load(resolve_model(cfg.model)), None)
+        if state:
+            check_resume(cfg, state["config"], start_dir, dist)
         score = lambda completion, answer: reward(completion, answer, cfg.checker)
         problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
                                                               cfg.max_solution_tokens, cfg.eval_problems, score)
         kind, why = resolve_engine(cfg.rollout)
-    except (DataError, ImportError) as e:
+    except (DataError, ImportError, CheckpointError) as e:
         fail(str(e), dist)
     if dist.master:
         print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
@@ -234,12 +223,7 @@ def main(argv=None):
     # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
     tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
     dp_rank, dp_world, n = dist.rank // tp, dist.world // tp, hapo.rollouts_per_group(cfg.method, cfg.group_size)
-    model.to(dist.device)
-    if cfg.grad_checkpointing:
-        model.activation_checkpointing_enable()  # non-reentrant, which FSDP2 composes with
-    policy = parallel.Policy(model)
-    if dist.world > 1:
-        parallel.shard(policy, dist)
+    policy = parallel.wrap(model, dist, cfg.grad_checkpointing)  # on the device; FSDP2-sharded under torchrun
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
     if state:
@@ -248,8 +232,6 @@ def main(argv=None):
         group["weight_decay"] = cfg.weight_decay  # a resumed optimizer keeps its old one otherwise
     log = tracking.Log(cfg.out_dir, dist.master, cfg.report_to.split(","), step if state else None,
                        dataclasses.asdict(cfg))
-    for note in log.notes:
-        print(f"resume: {note}")
     bad_steps, last_saved = 0, start_dir
 
     def run_eval(at):
@@ -263,7 +245,8 @@ def main(argv=None):
 
     def save(at):
         try:
-            checkpoint.save(cfg.out_dir, at, model, tok, opt, dist, {"cursor": cursor, "config": dataclasses.asdict(cfg)})
+            checkpoint.save(cfg.out_dir, at, model, tok, opt, dist,
+                            {"cursor": cursor, "config": dataclasses.asdict(cfg)})
         except CheckpointError as e:
             fail(str(e), dist, code=1)
         return os.path.join(cfg.out_dir, f"step_{at:06d}")
@@ -286,11 +269,12 @@ def main(argv=None):
             mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
                     for g, i in enumerate(idx)][dist.rank % tp::tp]
             # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
-            groups = [hapo.Group(problems[i].prompt_ids, resp,
-                                 [score(t, problems[i].answer) for t in tok.batch_decode(resp, skip_special_tokens=True)],
-                                 problems[i].solution_ids, teacher_ok[i], sampler_logp=lp,
-                                 truncated=[len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp])
-                      for i, resp, lp in mine]
+            groups = []
+            for i, resp, lp in mine:
+                texts = tok.batch_decode(resp, skip_special_tokens=True)
+                cut = [len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp]  # no EOS in time
+                groups.append(hapo.Group(problems[i].prompt_ids, resp, [score(t, problems[i].answer) for t in texts],
+                                         problems[i].solution_ids, teacher_ok[i], truncated=cut, sampler_logp=lp))
             # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
             gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
             opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
@@ -305,7 +289,7 @@ def main(argv=None):
             engine.sync_weights(model)
             # 9. log
             row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
-                   "train/gamma": gamma, "train/lr": opt.param_groups[0]["lr"], **result}
+                   **result, "train/gamma": gamma, "train/lr": opt.param_groups[0]["lr"]}
             gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp, _ in mine for r in resp)))
             dt = time.time() - t0
             row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
@@ -317,15 +301,12 @@ def main(argv=None):
                 samples = tracking.train_samples(trained[:2], tok, step + 1) + samples
             log.metrics(row), log.completions(samples)
             if dist.master:
-                acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-                bar.write(f"step {step + 1:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
-                          f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | "
-                          f"zero-var {row['train/zero_var_frac']:.2f} | loss {row['train/loss']:+.4f} | {dt:.2f}s{acc}")
+                bar.write(tracking.line(row))
             # 10. checkpoint, and the two ways a run stops early: non-finite updates, or a signal
             bad_steps = bad_steps + 1 if result["train/skipped_updates"] == cfg.mini_batches else 0
             if bad_steps >= 3:
-                fail(f"step {step + 1}: the loss or gradient was not finite for {bad_steps} steps in a row (their updates "
-                     f"were skipped); the last good checkpoint is {last_saved or 'none'}: lower --lr and --resume", dist, 1)
+                fail(f"step {step + 1}: the loss or gradient was not finite for {bad_steps} steps in a row (updates "
+                     f"skipped); the last good checkpoint is {last_saved or 'none'}: lower --lr and --resume", dist, 1)
             signum = int(parallel.all_max(dist, float(stop.signum or 0)))  # every rank stops at the same step
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or signum:
                 last_saved = save(step + 1)

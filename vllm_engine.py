@@ -29,7 +29,7 @@ def check_vllm_version(version: str) -> None:
     """Raise a one-line ImportError unless `version` (e.g. "0.32.0", "0.32.1.dev3+gabc") is supported."""
     release = tuple(int(x) for x in version.split("+")[0].split(".")[:2] if x.isdigit())
     if not VLLM_SUPPORTED[0] <= release < VLLM_SUPPORTED[1]:
-        raise ImportError(f"vLLM {version} is not supported: rollout.py needs {vllm_requirement()} "
+        raise ImportError(f"vLLM {version} is not supported: hapo needs {vllm_requirement()} "
                           f"(`pip install '{vllm_requirement()}'`, docs/VLLM.md), or use --rollout hf")
 
 

@@ -15,7 +15,7 @@ programs and drift hit both alike.
 2. realistic: the training step alone on recorded batches with a real run's length spread: per
    prompt 8 trajectories, the policy's long-tailed (log-normal) and one teacher row per group 2-3x
    longer than the group's median, as HAPO injects them. The same rows, advantages and tokens on both
-   sides; ours cuts micro-batches under a token budget and packs them (--micro_batch_tokens, --pack),
+   sides; ours sorts rows by length and cuts micro-batches under a token budget (--micro_batch_tokens),
    TRL pads every micro-batch to the batch's longest prompt and completion, as its trainer does.
    Reported: training tokens/s (real tokens), peak memory, padding waste (padded / real tokens - 1).
 3. log-prob memory: forward + backward of per-token log-probs over Qwen's 151,936-token vocabulary:
@@ -51,7 +51,8 @@ class Args:
     real_steps: int = 6  # realistic: recorded batches (the first is warm-up)
     real_median: int = 160  # realistic: median policy response length (log-normal, sigma 0.8)
     real_max: int = 1024  # realistic: longest policy response (max_new_tokens)
-    real_budget: int = 4096  # realistic: our --micro_batch_tokens
+    real_budget: int = 8192  # realistic: our --micro_batch_tokens
+    real_pack: int = 0  # realistic: 1 adds our --pack (on a CPU, sdpa masks a packed row densely: quadratic)
     real_trl_micro: int = 16  # realistic: TRL's per_device_train_batch_size
     lp_tokens: int = 1024  # log-prob memory: B*T positions (B = 2)
     lp_chunk: int = 256  # ... positions per chunk of logits
@@ -233,7 +234,7 @@ def run_ours_realistic(a, turns):
     from models import load_model
     from parallel import Dist, Policy
     model, _ = load_model(os.path.join(a.model_dir, "realistic"), dtype=torch.float32)
-    cfg = step_cfg(a, micro_batch_tokens=a.real_budget, pack=True)
+    cfg = step_cfg(a, micro_batch_tokens=a.real_budget, pack=bool(a.real_pack))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     steps, batches = [], recorded_batches(a)
     for b, groups in enumerate(batches):
@@ -436,7 +437,8 @@ def print_tables(r, a):
         print(f"  {stage:30s} grpo {g:6.3f}   hapo {r['profile']['hapo'][stage]:6.3f}")
     q = r["realistic"]
     print(f"\nrealistic: the training step on {a.real_steps - 1} recorded batches (median policy row {a.real_median}, "
-          f"teacher rows 2-3x), ours --micro_batch_tokens {a.real_budget} --pack, TRL micro-batches of {a.real_trl_micro}")
+          f"teacher rows 2-3x), ours --micro_batch_tokens {a.real_budget}{' --pack' * a.real_pack}, TRL micro-batches "
+          f"of {a.real_trl_micro}")
     print(f"{'system':22s} {'step s':>7s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'padding waste':>14s}")
     for name, s in (("ours", q["ours"]), ("TRL", q["trl"])):
         print(f"{name:22s} {s['step_s']:7.3f} {s['tokens_per_s']:9.0f} {s['peak_rss_mb']:12.0f} "

@@ -1,17 +1,25 @@
-"""GPU check: the trainer's bf16 step and the HF rollout engine on a Qwen2.5-0.5B-shaped policy.
+"""GPU check: the trainer's bf16 step on a Qwen2.5-0.5B-shaped policy, with MFU, and the log-prob memory.
 
-    python benchmarks/gpu_check.py [--micro_batch 16] [--json PATH]
+    python benchmarks/gpu_check.py [--json PATH]      # needs CUDA; about 3 minutes on one H200
 
 Random weights of Qwen2.5-0.5B's shape (no download), so it runs on a machine without the hub.
-It times stages 3-7 of a HAPO step (gate, SSI, advantages, loss, AdamW: hapo.py and update.py) on 16 prompts
-x 8 rollouts of random tokens, compares the peak memory of chunked log-probs (loss.py) with plain
-log_softmax over the 151,936-token vocabulary, and times HFEngine.generate. Needs CUDA.
+1. The update of one step (gate, SSI, advantages, Eq. 8 loss, AdamW: hapo.py and update.py) on 16
+   prompts x 8 rollouts of 128 prompt tokens and a long-tailed response length (median 256, up to
+   1,024; the teacher rows 2-3x the group's median), under bf16 autocast: with --micro_batch 16
+   rows, and with --micro_batch_tokens (sorted rows, each micro-batch padded to its own longest).
+   MFU = 6 x parameters x real tokens / time / the card's measured bf16 matmul peak.
+2. One micro-batch of 16 x 512 tokens, forward + backward of the log-probs: loss.sequence_logprobs
+   (fused, chunked) against a plain log_softmax over the 151,936-token vocabulary, peak memory.
+3. The HF engine's rollout speed (bf16), for comparison with vLLM's.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -24,7 +32,6 @@ import hapo  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
-from hapo import Group  # noqa: E402
 from loss import sequence_logprobs  # noqa: E402
 from rollout import HFEngine  # noqa: E402
 
@@ -34,52 +41,67 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_atte
               tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS)
 
 
-def random_groups(rng, M=16, N=8, prompt_len=128, max_len=384):
-    """M groups of N random responses (max_len/2 to max_len tokens), 0/1 rewards at p=0.2."""
+def groups(rng, M=16, N=8, prompt_len=128, median=256, longest=1024):
+    """M groups of N responses of random tokens, the last of each a teacher row 2-3x the median."""
     tokens = lambda n: [rng.randrange(1000, 150000) for _ in range(n)]
-    return [Group(tokens(prompt_len), [tokens(rng.randrange(max_len // 2, max_len)) + [EOS] for _ in range(N)],
-                  [float(rng.random() < 0.2) for _ in range(N)], tokens(max_len) + [EOS], 1.0)
-            for _ in range(M)]
+    out = []
+    for _ in range(M):
+        lengths = [min(longest, max(8, int(rng.lognormvariate(math.log(median), 0.7)))) for _ in range(N - 1)]
+        rows = [tokens(k) + [EOS] for k in lengths] + [tokens(int(statistics.median(lengths) * rng.uniform(2, 3)))]
+        rewards = [float(rng.random() < 0.2) for _ in lengths] + [1.0]
+        out.append(hapo.Group(tokens(prompt_len), rows, rewards, teacher_at=N - 1))
+    return out
+
+
+def matmul_peak():
+    """The card's bf16 matmul throughput, TFLOP/s, measured on 8192^3 products."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t = time.time()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192 ** 3 / (time.time() - t) / 1e12
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--micro_batch", type=int, default=16)
     p.add_argument("--json", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py: error: no CUDA device")
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "bf16_matmul_tflops": matmul_peak()}
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN05)).float()  # fp32 master weights, as train.py loads them
     res["params"] = P = sum(p.numel() for p in model.parameters())
-    cfg = train.Config(micro_batch=args.micro_batch)
     dist = parallel.init()
     policy = parallel.Policy(model.to(dist.device))  # one process: bf16 autocast in update.optimize
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     rng = random.Random(0)
-    for it in range(3):  # the first is warm-up
-        groups = random_groups(rng)
-        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-        t = time.time()
-        opened, _ = hapo.gate_groups(groups, cfg.method, 0.8)
-        trained = hapo.inject(groups, opened)
-        update.optimize(policy, opt, hapo.pack(trained, hapo.advantages(trained), EOS).to(dist.device), cfg, dist)
-        torch.cuda.synchronize()
-        dt = time.time() - t
-        tokens = sum(len(g.prompt_ids) * len(g.responses) + sum(map(len, g.responses)) for g in groups)
-        print(f"update {it}: {dt:.2f} s, {tokens / dt:,.0f} tokens/s, teacher {sum(g.teacher_at is not None for g in trained)}, "
-              f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
-    res.update(update_tokens_per_s=tokens / dt, update_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               update_tflops_6PT=6 * P * tokens / dt / 1e12)  # 6 x params x tokens: a floor on the real count
+    batches = [groups(rng) for _ in range(4)]
+    for name, kw in (("rows16", dict(micro_batch=16)), ("tokens16k", dict(micro_batch_tokens=16384))):
+        cfg = dataclasses.replace(train.Config(), **kw)
+        for it, g in enumerate(batches):  # the first is warm-up
+            batch = hapo.pack(g, hapo.advantages(g), EOS).to(dist.device)
+            torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+            t = time.time()
+            update.optimize(policy, opt, batch, cfg, dist, lr=1e-6)
+            torch.cuda.synchronize()
+            dt, tokens = time.time() - t, int(batch.attention_mask.sum())
+            print(f"{name} update {it}: {dt:.2f} s, {tokens / dt:,.0f} tokens/s, "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        res[name] = {"tokens_per_s": tokens / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                     "mfu": 6 * P * tokens / dt / 1e12 / res["bf16_matmul_tflops"]}
 
-    # one micro-batch of 16 x 512 tokens, forward + backward of the summed log-probs
     ids = torch.randint(1000, 150000, (16, 512), device="cuda")
     mask = torch.ones_like(ids)
     naive = lambda: torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)[:, :-1] \
         .gather(-1, ids[:, 1:, None])[..., 0]
-    chunked = lambda: sequence_logprobs(model, ids, mask, cfg.chunk_size)
-    for name, fn in [("naive", naive), ("chunked", chunked)] * 2:  # the first round is warm-up
+    fused = lambda: sequence_logprobs(model, ids, mask, 1024)
+    for name, fn in [("naive", naive), ("fused", fused)] * 2:  # the first round is warm-up
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize(), torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
         base, t = torch.cuda.memory_allocated(), time.time()

@@ -78,3 +78,42 @@ def test_probe_script_smoke(capsys):
         assert all(x < 0 for x in logliks[variant])
     assert logliks["full"][0] == logliks["teacher_only"][0]  # the same base model
     assert logliks["full"][2] != logliks["teacher_only"][2]  # the failures' advantages moved the weights
+
+
+def test_readme_files_table_and_references_match_the_repository():
+    """The README's files table is scripts/files_table.py's (line counts of today), and every file it
+    names exists in the repository."""
+    import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert _script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
+    named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", readme))
+    assert named and all(os.path.exists(os.path.join(ROOT, n)) or os.path.exists(os.path.join(ROOT, "scripts", n))
+                         or os.path.exists(os.path.join(ROOT, "benchmarks", n)) for n in named), named
+
+
+def test_train_logs_completions_and_mirrors_metrics_to_tensorboard(tmp_path):
+    """completions.jsonl gets a few samples with rewards and teacher flags; --report_to tensorboard
+    writes the same scalars as metrics.jsonl at the same steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "run")
+    r = run_train(*TRAIN_SMALL, "--max_steps", "2", "--out_dir", out, "--report_to", "tensorboard",
+                  "--log_completions_every", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
+    train_rows = [row for row in rows if not row.get("eval")]
+    assert {row["step"] for row in train_rows} == {1, 2} and any(row["teacher"] for row in train_rows)
+    assert all(set(row) >= {"prompt", "completion", "reward", "teacher"} for row in train_rows)
+    assert any(row.get("eval") for row in rows)  # a few held-out completions at each evaluation
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(row["step"], pytest.approx(row["train/loss"], rel=1e-6)) for row in logged if "train/loss" in row]
+
+
+def test_report_to_a_missing_tracker_is_one_line(tmp_path, monkeypatch):
+    import tracking
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert tracking.check_trackers(["wandb"]) == "--report_to wandb needs the wandb package: pip install wandb"

@@ -206,3 +206,21 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
         assert p.shape == q.shape and not torch.equal(p, q), name  # full size, and trained
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     assert state["world"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_step_matches_the_fp32_reference():
+    """On a GPU the update runs under bf16 autocast with token-budget micro-batches: its loss and
+    gradient stay within bf16 rounding of the same step in fp32 on the CPU."""
+    from tests.test_options import _cfg
+    from parallel import Dist, Policy
+    batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_qwen2(seed=3).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        dist = Dist(device=torch.device(device))
+        m = update.optimize(Policy(model), opt, batch.to(device), _cfg(micro_batch_tokens=40), dist, lr=0.0)
+        out[device] = (m["train/loss"], m["train/grad_norm"])
+    assert out["cuda"] == pytest.approx(out["cpu"], rel=2e-2)

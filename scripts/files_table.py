@@ -1,0 +1,55 @@
+"""Print the README's files table with today's line counts (the README's test checks it).
+
+    python scripts/files_table.py
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHAT = {  # path -> what it holds; the order is the README's
+    "gate.py": "Eqs. 5-7 and Algorithm 1: confidence, gamma(t), the gate, SSI; Eq. 11's bound",
+    "loss.py": "Eq. 2 advantages; fused chunked log-probs and entropy (never a [B, T, V] tensor); Eqs. 3, 8, 9",
+    "hapo.py": "one HAPO step on groups: gate -> SSI (or LUFFY's N-1 + teacher) -> advantages -> batch -> loss; the methods",
+    "update.py": "the update of a step: micro-batches by count or token budget, packing, pi_old, AdamW, non-finite guard",
+    "train.py": "the config dataclass and the loop, numbered as Figure 1: rollout -> ... -> checkpoint",
+    "rollout.py": "the engines' contract and the HF engine (transformers `generate`, sampler log-probs)",
+    "vllm_engine.py": "vLLM in the training process: in-place weight reload (tied heads), versions, CPU settings",
+    "weight_sync.py": "the trainer's weights as (checkpoint name, full tensor), one at a time, FSDP2 included",
+    "reward.py": "Eq. 4: the last `\\boxed{}`, normalised and compared; structure, labels, units; checkers",
+    "latex.py": "the reward's TeX reader: fractions, matrices, Unicode, sets, big values",
+    "symbolic.py": "the reward's sympy (and math-verify) in worker processes under a hard deadline",
+    "data.py": "problems from `.jsonl`/`.parquet` (flat or OpenR1 layout), hub ids, the built-in task; tokens",
+    "task.py": "the built-in task: column sums, its teacher, the pairs the base model never saw",
+    "tiny.py": "the built-in model: byte-level tokenizer, tiny Qwen2, its pretraining (`python tiny.py` rebuilds)",
+    "models.py": "loading a policy: hub id, local dir, training out_dir, or `tiny` (train.py and eval.py)",
+    "parallel.py": "distributed state as a value, metric reduction, FSDP2",
+    "checkpoint.py": "atomic checkpoints, RNG state, exact resume, fallback, the out_dir lock, preemption",
+    "tracking.py": "metrics.jsonl, completions.jsonl, torn-line repair, optional trackers",
+    "evaluation.py": "avg@k and pass@1, `evaluate` (train.py's and eval.py's)",
+    "eval.py": "the command: the paper's Table 1 on benchmark files, resumable",
+    "test_hapo.py": "the suite's entry point: tier 1 by hand here, the rest from tests/",
+    "tests/": "the tiers' modules, the reward's case tables, child-process drivers",
+    "scripts/": "experiment.py (Figure 2, several seeds), probe.py, files_table.py",
+    "benchmarks/": "bench.py (against TRL), rollout_speed.py, gpu_check.py, their requirements",
+    "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, REWARD.md, VLLM.md, figures",
+    "tiny_base/": "the shipped base model (3.2 MB) and its build record",
+}
+
+
+def lines(path):
+    full = os.path.join(ROOT, path)
+    if os.path.isdir(full):
+        return ""
+    return str(sum(1 for _ in open(full)))
+
+
+def table():
+    return "\n".join(f"| `{p}` | {lines(p)} | {w} |" for p, w in WHAT.items())
+
+
+if __name__ == "__main__":
+    missing = [p for p in WHAT if not os.path.exists(os.path.join(ROOT, p))]
+    unlisted = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and f not in WHAT)
+    if missing or unlisted:
+        sys.exit(f"files_table.py: missing {missing}, not in the table {unlisted}")
+    print(table())
