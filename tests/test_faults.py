@@ -65,11 +65,18 @@ def _wait_for_step(out, step, proc, timeout=240):
     raise AssertionError(f"no step {step} in {out}: {proc.poll()} {proc.stderr.read()[-2000:] if proc.poll() else ''}")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The metrics of a 6-step run that nothing stops: what a stopped-and-resumed run must log."""
+    out = str(tmp_path_factory.mktemp("uninterrupted") / "a")
+    assert run_train(*FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", out).returncode == 0
+    return metrics(out)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, sig):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run_train(*FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", a).returncode == 0
+def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, sig, uninterrupted):
+    b = str(tmp_path / "b")
     proc = _start(b, "--max_steps", "6", "--save_every", "100")
     _wait_for_step(b, 2, proc)
     proc.send_signal(sig)
@@ -79,9 +86,9 @@ def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, si
     stopped = int(line.split("after step ")[1].split(";")[0])
     assert 2 <= stopped < 6 and open(os.path.join(b, "latest")).read() == f"step_{stopped:06d}"
     assert run_train(*FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", b, "--resume").returncode == 0
-    ma, mb = metrics(a), metrics(b)
+    mb = metrics(b)
     assert [r["step"] for r in mb] == list(range(7))
-    for ra, rb in zip(ma, mb):
+    for ra, rb in zip(uninterrupted, mb):
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-9), ra["step"]
 
 
@@ -173,26 +180,33 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(s
 
 
 @pytest.mark.slow
-def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path):
+def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, capsys):
+    from models import load_model
+    from parallel import Dist
     base = str(tmp_path / "base")
     assert run_train(*FAST, "--max_steps", "4", "--save_every", "2", "--out_dir", base).returncode == 0
-    damage = {"truncated state.pt": lambda d: _truncate(d, "step_000004/state.pt"),
-              "truncated weights": lambda d: _truncate(d, "step_000004/model.safetensors"),
-              "missing state.pt": lambda d: os.remove(os.path.join(d, "step_000004", "state.pt")),
-              "garbage latest": lambda d: open(os.path.join(d, "latest"), "wb").write(b"\x00\xffstep_99"),
-              "empty latest": lambda d: open(os.path.join(d, "latest"), "w").close()}
-    for what, hurt in damage.items():
+    damage = {"truncated state.pt": (lambda d: _truncate(d, "step_000004/state.pt"), "step_000002"),
+              "truncated weights": (lambda d: _truncate(d, "step_000004/model.safetensors"), "step_000002"),
+              "missing state.pt": (lambda d: os.remove(os.path.join(d, "step_000004", "state.pt")), "step_000002"),
+              "garbage latest": (lambda d: open(os.path.join(d, "latest"), "wb").write(b"\x00\xffstep_99"), "step_000004"),
+              "empty latest": (lambda d: open(os.path.join(d, "latest"), "w").close(), "step_000004")}
+    load = lambda path: load_model(path, dtype=torch.float32)
+    for what, (hurt, survivor) in damage.items():
         out = str(tmp_path / what.replace(" ", "_"))
         shutil.copytree(base, out)
         hurt(out)
-        r = run_train(*FAST, "--max_steps", "5", "--save_every", "100", "--out_dir", out, "--resume")
-        assert r.returncode == 0, (what, r.stderr[-2000:])
-        assert [row["step"] for row in metrics(out)] == list(range(6)), what
-        warnings = [line for line in r.stderr.splitlines() if line.startswith("train.py: warning:")]
-        if "latest" in what:  # the newest checkpoint itself is fine
-            assert len(warnings) == 1 and "latest" in warnings[0] and "step_000004" in warnings[0], r.stderr
-        else:  # step 4 is damaged: one line says so, and step 2 takes over
-            assert len(warnings) == 1 and "cannot resume from" in warnings[0] and "step_000004" in warnings[0], r.stderr
+        capsys.readouterr()
+        path, _, _, state = checkpoint.find_resumable(out, load, Dist())
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: warning:")]
+        assert path.endswith(survivor) and state["step"] == int(survivor[5:]), what
+        assert len(warnings) == 1 and "step_000004" in warnings[0], (what, warnings)  # one line says what happened
+    # and end to end: a run resumes past the damaged newest checkpoint, exactly as from the survivor
+    r = run_train(*FAST, "--max_steps", "5", "--save_every", "100", "--out_dir", str(tmp_path / "truncated_state.pt"),
+                  "--resume")
+    assert r.returncode == 0 and "cannot resume from" in r.stderr, r.stderr[-2000:]
+    assert [row["step"] for row in metrics(str(tmp_path / "truncated_state.pt"))] == list(range(6))
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        checkpoint.find_resumable(str(tmp_path / "empty"), load, Dist())
 
 
 def _truncate(out, name):
