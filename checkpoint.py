@@ -26,11 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from parallel import all_sum
+from data import one_line
+from parallel import all_sum, broadcast
 
 
 class CheckpointError(Exception):
     """A problem with out_dir or a checkpoint; the message is one line that says what and where."""
+
+
+class RankMismatch(CheckpointError):
+    """A checkpoint written by another number of ranks: refused, not passed over as damage."""
 
 
 # ----------------------------------------------------------------------------
@@ -51,9 +56,12 @@ def claim(out_dir, resume, overwrite):
         lock.seek(0)
         raise CheckpointError(f"another run (pid {lock.read().strip() or '?'}) is using --out_dir '{out_dir}'; "
                               "wait for it to finish or choose another --out_dir") from None
-    lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))  # for the message a second run gets
+    lock.flush()
     for leftover in glob.glob(os.path.join(out_dir, "step_*.tmp*")) + glob.glob(os.path.join(out_dir, "*.tmp")):
-        shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else os.remove(leftover)
+        _remove(leftover)
     old = steps(out_dir)
     if not resume and (old or _has_rows(os.path.join(out_dir, "metrics.jsonl"))):
         if not overwrite:
@@ -61,9 +69,16 @@ def claim(out_dir, resume, overwrite):
             raise CheckpointError(f"--out_dir '{out_dir}' already holds a run ({what}); pass --resume to "
                                   "continue it or --overwrite to start over")
         for name in [f"step_{s:06d}" for s in old] + ["latest", "metrics.jsonl", "completions.jsonl"]:
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            _remove(os.path.join(out_dir, name))
     return lock
+
+
+def _remove(path):
+    """A file or a directory tree, if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def _has_rows(path):
@@ -88,7 +103,7 @@ def candidates(out_dir):
         else:
             problem = f"{path} names no checkpoint ({name[:40]!r})"
     except (OSError, UnicodeDecodeError) as e:
-        problem = f"{path} is unreadable ({_one_line(e)})"
+        problem = f"{path} is unreadable ({one_line(e)})"
     return out + [p for s in reversed(steps(out_dir)) if (p := os.path.join(out_dir, f"step_{s:06d}")) not in out], problem
 
 
@@ -108,7 +123,9 @@ def rng_state():
 
 
 def set_rng_state(s):
-    torch.set_rng_state(s["torch"]), random.setstate(s["python"]), np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -145,27 +162,17 @@ def save(out_dir, step, model, tok, opt, dist, extra, keep=2):
                 f.write(os.path.basename(final))
             os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
         except Exception as e:  # a full disk surfaces as OSError, or RuntimeError from torch.save's zip writer
-            shutil.rmtree(tmp, ignore_errors=True)
-            for f in (os.path.join(out_dir, "latest.tmp"),):
-                os.path.exists(f) and os.remove(f)
+            _remove(tmp)
+            _remove(os.path.join(out_dir, "latest.tmp"))
             full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
-            error = (f"step {step}: {'no space left on device' if full else _one_line(e)} writing {final} "
+            error = (f"step {step}: {'no space left on device' if full else one_line(e)} writing {final} "
                      f"(partial files removed); the last good checkpoint is {latest(out_dir) or 'none'}")
         else:
             older = [s for s in steps(out_dir) if s < step]
             for s in older[:max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(os.path.join(out_dir, f"step_{s:06d}"), ignore_errors=True)
-    if dist.world > 1:
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
+    if error := broadcast(dist, error):
         raise CheckpointError(error)
-
-
-def _one_line(e):
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 # ----------------------------------------------------------------------------
@@ -179,9 +186,10 @@ def read_state(path, dist):
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False, mmap=dist.world > 1)
         state["step"], state["cursor"], state["rng"], state["optimizer"]  # noqa: B018 (all there?)
     except Exception as e:  # a truncated or garbled file can fail in many ways
-        raise CheckpointError(f"{path}/state.pt is unreadable ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}/state.pt is unreadable ({one_line(e)})") from None
     if state["world"] != dist.world:
-        raise CheckpointError(f"checkpoint {path} was written by {state['world']} ranks; resume it with the same number")
+        raise RankMismatch(f"--resume: {path} was written by {state['world']} rank(s), not {dist.world}: resume it with "
+                           "as many (that would mix two experiments)")
     return state
 
 
@@ -195,10 +203,12 @@ def find_resumable(out_dir, load, dist):
         say(f"{problem}; trying the newest checkpoint directory, {paths[0]}")
     for path in paths:
         try:
-            return (path, *load(path), read_state(path, dist))
+            state = read_state(path, dist)  # first: cheap, and a rank mismatch is no damage
+            return (path, *load(path), state)
+        except RankMismatch:
+            raise
         except Exception as e:  # DataError from the loader, CheckpointError from read_state, or worse
-            say(f"cannot resume from {path} ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__}); "
-                "trying the previous checkpoint")
+            say(f"cannot resume from {path} ({one_line(e)[:300]}); trying the previous checkpoint")
     raise CheckpointError(f"--resume: no readable checkpoint in '{out_dir}'")
 
 

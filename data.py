@@ -59,7 +59,8 @@ FIELDS = {"flat": ("problem", "answer", "solution"),
 # Field normalisation: every layout seen in the wild becomes str or list[dict].
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
+    """An exception as one line for a user: its type and the first line of its message."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
@@ -194,7 +195,7 @@ def _parquet_rows(path: str):
                 n += 1
                 yield n, row
     except Exception as e:  # pyarrow's errors have no common public base class
-        raise DataError(f"{path}: cannot read as parquet ({_one_line(e)})") from None
+        raise DataError(f"{path}: cannot read as parquet ({one_line(e)})") from None
 
 
 def _hub_rows(name: str, split: str):
@@ -206,7 +207,7 @@ def _hub_rows(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing split, unknown id: all one line for the user
-        raise DataError(f"cannot load hub data set '{name}' split '{split}' ({_one_line(e)})") \
+        raise DataError(f"cannot load hub data set '{name}' split '{split}' ({one_line(e)})") \
             from None
     yield from enumerate(ds, 1)
 
@@ -239,7 +240,7 @@ def _builtin(spec: str, split: str) -> tuple[list[Problem], dict]:
 def load_problems(spec: str, split: str = "train", need_solution: bool = True
                   ) -> tuple[list[Problem], dict]:
     """Problems and stats from `spec` (see the module docstring). Raises DataError."""
-    if spec == task.BUILTIN or spec.startswith(task.BUILTIN + ":"):
+    if task.is_builtin(spec):
         return _builtin(spec, split)
     ext = os.path.splitext(spec)[1].lower()
     if os.path.isfile(spec):
@@ -317,7 +318,7 @@ def training_set(spec, eval_spec, tokenizer, max_prompt_tokens, max_solution_tok
     Each teacher is scored once here by `score` (Eq. 4's reward): one that fails is never injected.
     The held-out set defaults to the built-in task's eval split when training on the built-in task."""
     train, stats = load_problems(spec, "train")
-    held_spec = eval_spec or (spec if spec.startswith(task.BUILTIN) else "")
+    held_spec = eval_spec or (spec if task.is_builtin(spec) else "")
     held = load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
     enc, enc_stats = encode(tokenizer, train, max_prompt_tokens, max_solution_tokens)
     teacher_ok = [score(e.solution, e.answer) for e in enc]

@@ -72,8 +72,8 @@ def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8
         torch.manual_seed(seed)
         for start in range(0, len(problems), batch_prompts):
             chunk = range(start, min(start + batch_prompts, len(problems)))
-            completions = engine.generate([prompt_ids[i] for i in chunk], k, max_new_tokens,
-                                          temperature, top_p)  # len(chunk) * k, grouped by prompt
+            completions = engine.generate([prompt_ids[i] for i in chunk], k, max_new_tokens, temperature, top_p,
+                                          seed=seed * 65537 + start)  # len(chunk) * k, grouped by prompt
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             for c, i in enumerate(chunk):
                 group = [{"benchmark": problems[i].source, "problem_id": i, "sample": j,
@@ -106,7 +106,7 @@ def load_benchmarks(paths: list[str]) -> dict[str, list[data.Problem]]:
     """{benchmark name: problems in file order}, a name per data_source, else the file's stem."""
     out, origin = {}, {}
     for path in paths:
-        split = "eval" if path.startswith(task.BUILTIN) else "test"  # files ignore the split
+        split = "eval" if task.is_builtin(path) else "test"  # files ignore the split
         problems, stats = data.load_problems(path, split, need_solution=False)
         skipped = {k: v for k, v in stats.items() if k.startswith("skipped") and v}
         if skipped:  # they would silently shrink the benchmark, so say so

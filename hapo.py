@@ -61,6 +61,7 @@ class Batch:
     old_logp: torch.Tensor = None  # [B, L-1] pi_theta_old, when more than one update uses the batch
     sampler_logp: torch.Tensor = None  # [B, L-1] the rollout engine's log-probs of the sampled tokens
     position_ids: torch.Tensor = None  # [B, L] only for packed rows (update.pack_rows)
+    group: torch.Tensor = None  # [B] the index of each row's group (mini-batches are cut between groups)
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -181,7 +182,8 @@ def pack(groups, adv, pad_id, mask_truncated=False):
             sampler[b, P - 1:P + R - 1] = torch.tensor(slp, dtype=torch.float32)
     advantages = torch.tensor([r[3] for r in rows], dtype=torch.float32)  # [B]
     teacher = torch.tensor([r[2] for r in rows], dtype=torch.bool)  # [B]
-    return Batch(input_ids, attention_mask, loss_mask, advantages, teacher, sampler_logp=sampler)
+    group = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])  # [B]
+    return Batch(input_ids, attention_mask, loss_mask, advantages, teacher, sampler_logp=sampler, group=group)
 
 
 # ----------------------------------------------------------------------------

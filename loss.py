@@ -24,25 +24,8 @@ def group_advantages(rewards, eps=1e-6, scale_by_std=True):
 
 
 # ----------------------------------------------------------------------------
-# per-token log-probs (and entropy), never holding a second [B, T, V] tensor
-
-
-def token_logprobs(logits, targets, chunk_size=1024):
-    """log pi(target | context) from logits [B, T, V] and targets [B, T] -> [B, T].
-
-    log_softmax(logits).gather(target) = logit[target] - logsumexp(logits). Done a chunk of
-    positions at a time in fp32, so the extra memory is one [chunk, V] block rather than a full copy
-    of the logits (2.5 GB for 4,096 tokens of Qwen's 151,936-token vocabulary).
-    """
-    B, T, V = logits.shape
-    flat = logits.reshape(B * T, V)  # [B*T, V], a view
-    tgt = targets.reshape(B * T)  # [B*T]
-    out = []
-    for i in range(0, B * T, chunk_size):
-        block = flat[i:i + chunk_size].float()  # [c, V]
-        picked = block.gather(1, tgt[i:i + chunk_size, None]).squeeze(1)  # [c]
-        out.append(picked - torch.logsumexp(block, dim=1))  # [c]
-    return torch.cat(out).view(B, T)  # [B, T]
+# per-token log-probs (and entropy), never holding a [B, T, V] tensor: for 4,096 tokens of Qwen's
+# 151,936-token vocabulary the fp32 logits alone would be 2.5 GB
 
 
 def _chunk_logits(h, weight, temperature):
@@ -85,12 +68,13 @@ class _FusedLogprobs(torch.autograd.Function):
                 z.sub_(lse[:, None])  # log p, in place
                 entropy.append(-z.exp().mul_(z).sum(dim=1))  # [c]: -sum p log p, one more [c, V] block
                 del z  # before the next chunk's block exists
-        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses))
-        return torch.cat(logp), torch.cat(entropy)
+        entropy = torch.cat(entropy)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses), entropy)
+        return torch.cat(logp), entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, targets, lses = ctx.saved_tensors
+        hidden, weight, targets, lses, entropies = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
         T, dtype, c = ctx.temperature, ctx.dtype, ctx.chunk_size
@@ -104,12 +88,14 @@ class _FusedLogprobs(torch.autograd.Function):
                 lse = lses[i:i + c, None]  # [c, 1], as the forward computed it
                 if g_entropy is None:  # the usual case: the gradient takes the place of the logits
                     grad = z.sub_(lse).exp_().mul_(-g_logp[i:i + c, None])  # -g p
-                else:  # and -g_H p (log p + H)
-                    grad = torch.zeros_like(z) if g_logp is None else torch.sub(z, lse).exp_().mul_(-g_logp[i:i + c, None])
+                else:  # -g p - g_H p (log p + H), with H as the forward computed it
                     logp = z.sub_(lse)  # [c, V], in place
-                    p = logp.exp()  # [c, V]
-                    ent = -torch.linalg.vecdot(p, logp)[:, None]  # [c, 1]
-                    grad.sub_(logp.add_(ent).mul_(p).mul_(g_entropy[i:i + c, None]))
+                    grad = logp.exp()  # p, [c, V]
+                    logp.add_(entropies[i:i + c, None]).mul_(grad).mul_(g_entropy[i:i + c, None])  # g_H p (log p + H)
+                    if g_logp is not None:
+                        grad.mul_(-g_logp[i:i + c, None]).sub_(logp)
+                    else:
+                        grad = logp.neg_()
                 if g_logp is not None:
                     grad.scatter_add_(1, targets[i:i + c, None], g_logp[i:i + c, None])  # + g onehot(t)
                 if T != 1.0:

@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import tiny
-from data import DataError
+from data import DataError, one_line
 
 
 def resolve_model(name: str) -> str:
@@ -47,7 +47,7 @@ def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementa
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw) if need_weights else None
     except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways (SafetensorError, ...)
         where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
-        raise DataError(f"could not load model '{path}'{where}: {str(err).strip().splitlines()[0]}") from None
+        raise DataError(f"could not load model '{path}'{where}: {one_line(err)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

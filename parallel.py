@@ -49,11 +49,6 @@ def close(d: Dist) -> None:
         tdist.destroy_process_group()
 
 
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        tdist.barrier()
-
-
 def all_sum(d: Dist, x):
     """Sum a float (or tensor) over ranks; identity in one process."""
     if d.world == 1:
@@ -70,6 +65,24 @@ def all_max(d: Dist, x: float) -> float:
     t = torch.tensor(x, dtype=torch.float64, device=d.device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return t.item()
+
+
+def all_max_each(d: Dist, xs: list) -> list:
+    """Element-wise max of a list of numbers over ranks, in one all_reduce."""
+    if d.world == 1:
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64, device=d.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return [int(v) if float(v).is_integer() else v for v in t.tolist()]
+
+
+def broadcast(d: Dist, obj):
+    """Rank 0's `obj` on every rank (a small picklable value: an error message, a path)."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def reduce_metrics(d: Dist, sums: dict, means: dict) -> dict:

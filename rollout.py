@@ -18,19 +18,14 @@ trajectories SSI injects) or exactly `max_new_tokens` long if the model never st
 from: after temperature and top-p, renormalised (at temperature 0, the plain softmax of the logits).
 """
 import contextlib
-import os
-from typing import Iterator
 
 import torch
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 from transformers.utils import logging as hf_logging
 
-from vllm_engine import VLLMEngine, check_vllm_version, installed_vllm_version, vllm_requirement  # noqa: F401
-from weight_sync import hf_name, unwrap, weights_for_sync  # noqa: F401  (tests and bench use them from here)
-
-def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:  # keep up to and including the first EOS
-    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+from vllm_engine import VLLMEngine, check_vllm_version, cut_at_eos, installed_vllm_version, vllm_requirement
+from weight_sync import unwrap, weights_for_sync
 
 
 # -----------------------------------------------------------------------------
@@ -119,10 +114,11 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, logprobs: bool = False):
+                 top_p: float = 1.0, logprobs: bool = False, seed: int | None = None):
         """len(prompts) * n completions, grouped by prompt (prompt 0's n samples first). Each is the list of
         generated token ids, cut after the first EOS (the EOS kept), or max_new_tokens long if none was
-        produced. No pad ids inside. Random draws come from the global torch RNG only.
+        produced. No pad ids inside. Random draws come from the global torch RNG only, which checkpoints
+        carry (so `seed`, VLLMEngine's per-prompt seed, is not needed here and is ignored).
         With logprobs=True, returns (completions, logprobs): logprobs[i] holds one float per token of
         completions[i], from the processed scores generate() sampled from (log_softmax after temperature
         and top-p), so they equal the trainer's recomputed log-probs of the same distribution."""
@@ -163,7 +159,7 @@ class HFEngine:
                 synced_gpus=synced,
             )
         # Finished rows are padded up to the longest one; cutting at EOS removes that padding.
-        completions = [_cut_at_eos(row, self.eos_id) for row in sequences[:, width:].tolist()]
+        completions = [cut_at_eos(row, self.eos_id) for row in sequences[:, width:].tolist()]
         if recorder is None:
             return completions, []
         lps = recorder.finish(sequences[:, -1]).tolist()  # [B, new]
@@ -187,9 +183,7 @@ class HFEngine:
 
 
 # -----------------------------------------------------------------------------
-# vLLM backend
-
-# -----------------------------------------------------------------------------
+# choosing an engine (VLLMEngine itself is in vllm_engine.py)
 
 
 def resolve_engine(kind: str) -> tuple[str, str]:

@@ -30,6 +30,11 @@ BUILTIN = "builtin"  # train.py --data default (data.load_problems reads `builti
 TEACHERS = ("standard", "verbose")
 
 
+def is_builtin(spec: str) -> bool:
+    """Is `--data`/`--benchmarks` the built-in task (`builtin` or `builtin:OPTS`), not a file?"""
+    return spec == BUILTIN or spec.startswith(BUILTIN + ":")
+
+
 def question(a: int, b: int) -> str:
     return f"{a}+{b}=?"
 

@@ -147,7 +147,8 @@ def weights_sha256(model) -> str:
     """A digest of every tensor's bytes, in state-dict order: equal digests, identical weights."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        h.update(name.encode()), h.update(t.detach().contiguous().numpy().tobytes())
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -161,7 +162,8 @@ def build(out_dir=None, stop=None, progress=True):
         model = pretrain(make_model(tok, recipe["seed"]), tok, progress=progress, stop=stop,
                          on_step=lambda s, loss: losses.append(loss), **recipe)
     if out_dir:
-        model.save_pretrained(out_dir), tok.save_pretrained(out_dir)
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
         record = {"recipe": recipe, "sha256": weights_sha256(model), "losses": losses,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "seconds": round(time.time() - t0, 1)}

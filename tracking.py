@@ -61,7 +61,7 @@ class Log:
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.completions_path = os.path.join(out_dir, "completions.jsonl")
         self.trackers = []
-        self.notes = []  # what resuming repaired, for the caller to print
+        self.notes = []  # what resuming repaired (printed as it happens)
         if not master:
             return
         for path in (self.metrics_path, self.completions_path):

@@ -89,7 +89,7 @@ class Config:
     tensor_parallel: int = 1  # vLLM tensor parallel size under torchrun
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory)
     chunk_size: int = 1024  # positions per chunk of full-vocabulary logits
-    attn: str = "sdpa"  # attention kernel: sdpa | eager | flash_attention_2 (varlen: what makes --pack pay off)
+    attn: str = "sdpa"  # attention: sdpa | eager | flash_attention_2/3 (their varlen kernels make --pack pay off)
     progress: bool = True  # tqdm bar
 
 
@@ -120,7 +120,8 @@ def problems_with(cfg, world):
                "--clip_eps and --shaping_gamma must be > 0, --entropy_coef >= 0, --is_cap >= 1"),
               (min(cfg.max_new_tokens, cfg.max_prompt_tokens, cfg.max_solution_tokens, cfg.chunk_size) >= 1,
                "--max_new_tokens, --max_prompt_tokens, --max_solution_tokens and --chunk_size must be >= 1"),
-              (cfg.temperature >= 0 and cfg.eval_temperature >= 0, "--temperature and --eval_temperature must be >= 0"),
+              (cfg.temperature > 0, "--temperature must be > 0 (the trainer's log-probs are of logits / T)"),
+              (cfg.eval_temperature >= 0, "--eval_temperature must be >= 0 (0: greedy)"),
               (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval_every and --save_every must be >= 1"),
               (cfg.eval_problems >= 0 and cfg.log_completions_every >= 0,
                "--eval_problems and --log_completions_every must be >= 0"),
@@ -128,9 +129,8 @@ def problems_with(cfg, world):
                "--vllm_gpu_memory must be in (0, 1] and --tensor_parallel >= 1"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
               (not os.path.isfile(cfg.out_dir), f"--out_dir '{cfg.out_dir}' is a file, not a directory"),
-              (cfg.batch_prompts % world == 0, f"--batch_prompts must be divisible by the {world} ranks"),
-              (world == 1 or cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # same mini-batches as 1 rank
-               f"--batch_prompts must be divisible by {world} ranks x {cfg.mini_batches} mini-batches"),
+              (cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # whole groups, as many on every rank
+               f"--batch_prompts must be divisible by {world} rank(s) x {cfg.mini_batches} mini-batch(es)"),
               (world == 1 or world % cfg.tensor_parallel == 0, f"--tensor_parallel must divide the {world} ranks")]
     try:
         check_checker(cfg.checker)
@@ -171,6 +171,9 @@ def check_resume(cfg, old, path, dist):
         fail(f"--resume: {path} was trained with --{mixed[0]} {old[mixed[0]]}, not {new[mixed[0]]}: that would "
              "mix two experiments (use another --out_dir, or the same flag)", dist)
     changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
+    scheduled = [s for s in ("gamma_schedule", "lr_schedule") if new[s] != "constant"]
+    if "max_steps" in old and old["max_steps"] != new["max_steps"] and scheduled:
+        changed.append(f"(the {' and '.join(scheduled)} now span the new --max_steps)")
     if changed and dist.master:
         print(f"resume: applying {', '.join(changed)}")
 
@@ -189,17 +192,25 @@ def main(argv=None):
     from models import load_model, resolve_model
     from rollout import make_engine, resolve_engine
 
-    try:
-        lock = checkpoint.claim(cfg.out_dir, cfg.resume, cfg.overwrite) if dist.master else None
-    except CheckpointError as e:
-        fail(str(e), dist)
-    torch.manual_seed(cfg.seed + dist.rank), random.seed(cfg.seed + dist.rank), np.random.seed(cfg.seed + dist.rank)
+    lock, error = None, None
+    if dist.master:  # rank 0 owns the out_dir; every rank learns whether it may start
+        try:
+            lock = checkpoint.claim(cfg.out_dir, cfg.resume, cfg.overwrite)
+        except CheckpointError as e:
+            error = str(e)
+    if error := parallel.broadcast(dist, error):
+        fail(error, dist)
+    torch.manual_seed(cfg.seed + dist.rank)
+    random.seed(cfg.seed + dist.rank)
+    np.random.seed(cfg.seed + dist.rank)
     try:
         load = lambda path: load_model(path, dtype=torch.float32, attn_implementation=cfg.attn)
-        start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist) if cfg.resume else \
-            (None, *load(resolve_model(cfg.model)), None)
-        if state:
+        if cfg.resume:
+            start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist)
             check_resume(cfg, state["config"], start_dir, dist)
+        else:
+            start_dir, state = None, None
+            model, tok = load(resolve_model(cfg.model))
         score = lambda completion, answer: reward(completion, answer, cfg.checker)
         problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
                                                               cfg.max_solution_tokens, cfg.eval_problems, score)
@@ -254,7 +265,8 @@ def main(argv=None):
     with checkpoint.Preemption() as stop:  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit
         if step == 0:
             row, samples = run_eval(0)
-            log.metrics({"step": 0, **row}), log.completions(samples)
+            log.metrics({"step": 0, **row})
+            log.completions(samples)
         bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
                    disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
         for step in bar:
@@ -263,7 +275,8 @@ def main(argv=None):
             idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
             cursor += cfg.batch_prompts
             completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
-                                                 cfg.temperature, logprobs=True)  # and the sampler's log-probs
+                                                 cfg.temperature, logprobs=True,  # and the sampler's log-probs
+                                                 seed=((cfg.seed * 1000003 + step) * 1009 + dp_rank) * 4096)
             if cfg.vllm_sleep:
                 engine.sleep()  # level 1: vLLM hands its memory back to the trainer
             mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
@@ -299,7 +312,8 @@ def main(argv=None):
                 row.update(evaluated)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 samples = tracking.train_samples(trained[:2], tok, step + 1) + samples
-            log.metrics(row), log.completions(samples)
+            log.metrics(row)
+            log.completions(samples)
             if dist.master:
                 bar.write(tracking.line(row))
             # 10. checkpoint, and the two ways a run stops early: non-finite updates, or a signal
@@ -315,7 +329,8 @@ def main(argv=None):
                      "--resume", dist, 128 + signum, kind="")
     log.close()
     parallel.close(dist)
-    lock and lock.close()
+    if lock:
+        lock.close()
 
 
 if __name__ == "__main__":

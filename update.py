@@ -16,30 +16,37 @@ import torch
 
 from hapo import Batch, batch_loss
 from loss import sequence_logprobs
-from parallel import all_max, all_sum
+from parallel import all_max, all_max_each, all_sum
 
 # ----------------------------------------------------------------------------
 # splitting a batch into micro-batches
 
 
 def plan(batch, mini_batches, micro_batch, micro_batch_tokens=0, pack=False):
-    """Row indices of each micro-batch of each mini-batch: [[rows, ...], ...]. Mini-batch m is rows
-    m*per .. (m+1)*per. Without a token budget, micro-batches are consecutive runs of micro_batch
-    rows; with one, a mini-batch's rows are sorted by length, longest first, and cut where the next
-    row would take the micro-batch over budget: rows x longest row when padded, the sum of the rows'
-    lengths when packed. A row longer than the budget gets a micro-batch of its own."""
+    """Row indices of each micro-batch of each mini-batch: [[rows, ...], ...].
+
+    The batch's groups are split into mini_batches runs of equal count (whole groups: a group's
+    advantages belong together). Without a token budget, a mini-batch's micro-batches are consecutive
+    runs of micro_batch rows; with one, its rows are sorted by length, longest first, and cut where
+    the next row would take the micro-batch over budget: rows x longest row when padded, the sum of
+    the rows' lengths when packed. A row longer than the budget gets a micro-batch of its own."""
     lengths = batch.attention_mask.sum(dim=1).tolist()  # [B] real tokens per row
-    per = math.ceil(len(batch) / mini_batches)
+    group = batch.group.tolist() if batch.group is not None else list(range(len(batch)))  # [B]
+    n_groups = max(group) + 1
     out = []
-    for start in range(0, len(batch), per):
-        rows = list(range(start, min(start + per, len(batch))))
+    for m in range(mini_batches):
+        first, end = m * n_groups // mini_batches, (m + 1) * n_groups // mini_batches
+        rows = [r for r in range(len(batch)) if first <= group[r] < end]
         if not micro_batch_tokens:
             out.append([rows[i:i + micro_batch] for i in range(0, len(rows), micro_batch)])
             continue
         rows.sort(key=lambda r: -lengths[r])
         micro, cost = [[]], 0
         for r in rows:
-            new = cost + lengths[r] if pack else (len(micro[-1]) + 1) * lengths[micro[-1][0] if micro[-1] else r]
+            if pack:
+                new = cost + lengths[r]
+            else:  # padded to the micro-batch's first row, its longest
+                new = (len(micro[-1]) + 1) * lengths[micro[-1][0] if micro[-1] else r]
             if micro[-1] and new > micro_batch_tokens:
                 micro.append([])
                 new = lengths[r]
@@ -56,7 +63,7 @@ def select(batch, rows):
     pick = lambda x, width: None if x is None else x[idx, :width]
     return Batch(pick(batch.input_ids, L), pick(batch.attention_mask, L), pick(batch.loss_mask, L - 1),
                  batch.advantages[idx], batch.teacher[idx], pick(batch.old_logp, L - 1),
-                 pick(batch.sampler_logp, L - 1))
+                 pick(batch.sampler_logp, L - 1), group=batch.group[idx] if batch.group is not None else None)
 
 
 def pack_rows(batch):
@@ -76,11 +83,33 @@ def pack_rows(batch):
                  per_row(batch.teacher), flat(batch.old_logp), flat(batch.sampler_logp), position_ids)
 
 
-def micro_batches(batch, cfg):
-    """The Batch of every micro-batch, grouped by mini-batch, as plan() cuts them."""
-    return [[pack_rows(select(batch, rows)) if cfg.pack else select(batch, rows) for rows in mini]
-            if cfg.pack or cfg.micro_batch_tokens else [batch.slice(rows[0], rows[-1] + 1) for rows in mini]
-            for mini in plan(batch, cfg.mini_batches, cfg.micro_batch, cfg.micro_batch_tokens, cfg.pack)]
+def empty_like(batch):
+    """A micro-batch with nothing to learn: the batch's first row cut to two tokens, loss mask 0. A
+    rank with fewer micro-batches than another runs these, so that FSDP2's collectives, one set per
+    forward and backward, pair up across ranks."""
+    b = select(batch, [0]) if batch.position_ids is None else batch
+    return Batch(b.input_ids[:1, :2], None if b.attention_mask is None else b.attention_mask[:1, :2],
+                 torch.zeros_like(b.loss_mask[:1, :1]), b.advantages[:1] * 0, b.teacher[:1],
+                 None if b.old_logp is None else b.old_logp[:1, :1], None,
+                 None if b.position_ids is None else b.position_ids[:1, :2])
+
+
+def micro_batches(batch, cfg, dist=None):
+    """The Batch of every micro-batch, grouped by mini-batch, as plan() cuts them. Under torchrun
+    every rank gets as many micro-batches in each mini-batch as the rank with the most (the others
+    are empty_like), since ranks cut their own rows by their own lengths."""
+    out = []
+    for rows_of in plan(batch, cfg.mini_batches, cfg.micro_batch, cfg.micro_batch_tokens, cfg.pack):
+        if not (cfg.pack or cfg.micro_batch_tokens):  # consecutive rows: views, no copies
+            out.append([batch.slice(rows[0], rows[-1] + 1) for rows in rows_of])
+        elif cfg.pack:
+            out.append([pack_rows(select(batch, rows)) for rows in rows_of])
+        else:
+            out.append([select(batch, rows) for rows in rows_of])
+    if dist is not None and dist.world > 1:
+        counts = all_max_each(dist, [len(mini) for mini in out])
+        out = [mini + [empty_like(mini[0])] * (n - len(mini)) for mini, n in zip(out, counts)]
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +155,7 @@ def optimize(policy, opt, batch, cfg, dist, lr):
     .is_correction, .is_cap, .loss_norm, .max_new_tokens.
     """
     policy.train()
-    micros = micro_batches(batch, cfg)
+    micros = micro_batches(batch, cfg, dist)
     if cfg.mini_batches > 1:  # several updates per batch: freeze pi_theta_old first
         old_logprobs(policy, micros, cfg, dist)
     for group in opt.param_groups:
@@ -147,9 +176,11 @@ def optimize(policy, opt, batch, cfg, dist, lr):
                                      cfg.is_cap if cfg.is_correction else None)
             (loss * dist.world).backward()
             loss_sum += loss.detach().double()
-            for k, v in stats.items():
-                totals[k] = torch.maximum(totals[k], v) if k == "ratio_max" and k in totals else \
-                    v if k == "ratio_max" else totals.get(k, 0) + v.double()
+            for k, v in stats.items():  # sums, but the ratio's max
+                if k == "ratio_max":
+                    totals[k] = torch.maximum(totals[k], v) if k in totals else v
+                else:
+                    totals[k] = totals.get(k, 0) + v.double()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, already reduced over ranks
             grad_norm = grad_norm.full_tensor()

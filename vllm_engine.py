@@ -179,10 +179,13 @@ class VLLMEngine:
         self.dtype = self.llm.llm_engine.model_config.dtype  # what sync_weights pushes (torch.bfloat16, ...)
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, logprobs: bool = False):
-        """Same contract as HFEngine.generate; logprobs are vLLM's own (processed_logprobs mode)."""
+                 top_p: float = 1.0, logprobs: bool = False, seed: int | None = None):
+        """Same contract as HFEngine.generate; logprobs are vLLM's own (processed_logprobs mode). With a
+        seed, prompt i draws from its own generator seeded seed + i, so a resumed run, which passes the
+        same seeds, resamples what an uninterrupted one did (vLLM's engine-wide generator is not in any
+        checkpoint); without one, draws come from that engine-wide generator."""
         self.wake_up()
-        params = self._vllm.SamplingParams(
+        params = lambda i: self._vllm.SamplingParams(
             n=n,
             temperature=temperature,  # 0 -> greedy
             top_p=top_p,
@@ -195,11 +198,12 @@ class VLLMEngine:
             min_tokens=0,
             stop_token_ids=[self.eos_id],  # the tokenizer's EOS, the one HFEngine stops on
             ignore_eos=False,
-            seed=None,  # draws from the engine's generator, seeded once in LLM(seed=...)
+            seed=None if seed is None else (seed + i) % 2**63,
             logprobs=0 if logprobs else None,  # 0: the sampled token's log-prob only
             detokenize=False,  # we only need token ids
         )
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
+                                    [params(i) for i in range(len(prompts))], use_tqdm=False)
         completions, token_logprobs = [], []
         for request in outputs:  # LLM.generate returns requests in prompt order
             for sample in sorted(request.outputs, key=lambda s: s.index):
@@ -241,5 +245,6 @@ class VLLMEngine:
         self.asleep -= todo
 
 
-def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:  # keep up to and including the first EOS
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A completion as both engines return it: up to and including the first EOS."""
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids

@@ -81,14 +81,18 @@ def test_probe_script_smoke(capsys):
 
 
 def test_readme_files_table_and_references_match_the_repository():
-    """The README's files table is scripts/files_table.py's (line counts of today), and every file it
-    names exists in the repository."""
+    """The README's files table is scripts/files_table.py's (line counts of today), and every file the
+    README and docs/ name exists in the repository."""
+    import glob
     import re
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert _script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
-    named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", readme))
-    assert named and all(os.path.exists(os.path.join(ROOT, n)) or os.path.exists(os.path.join(ROOT, "scripts", n))
-                         or os.path.exists(os.path.join(ROOT, "benchmarks", n)) for n in named), named
+    for doc in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
+        named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
+        places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
+                  os.path.join(ROOT, "tests"))
+        missing = {n for n in named if not any(os.path.exists(os.path.join(p, n)) for p in places)}
+        assert not missing, (doc, missing)
 
 
 def test_train_logs_completions_and_mirrors_metrics_to_tensorboard(tmp_path):

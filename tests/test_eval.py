@@ -44,7 +44,7 @@ class ScriptedEngine:
     def __init__(self, tok, die_on_call=None):
         self.tok, self.die_on_call, self.prompts = tok, die_on_call, []
 
-    def generate(self, prompts, n, max_new_tokens, temperature, top_p=1.0):
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p=1.0, seed=None):
         if self.die_on_call == len(self.prompts) + 1:
             raise KeyboardInterrupt
         self.prompts.append(prompts)

@@ -234,7 +234,8 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(tmp_path):
 @pytest.mark.parametrize("flags,words", [
     (["--lr", "-1"], "--lr"), (["--max_new_tokens", "0"], "--max_new_tokens"), (["--chunk_size", "0"], "--chunk_size"),
     (["--eval_every", "0"], "--eval_every"), (["--save_every", "0"], "--save_every"),
-    (["--temperature", "-1"], "--temperature"), (["--gamma", "1.5"], "--gamma"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "0"], "--temperature"), (["--gamma", "1.5"], "--gamma"),
+    (["--batch_prompts", "16", "--mini_batches", "5"], "--batch_prompts"),
     (["--eval_problems", "-5"], "--eval_problems"), (["--grad_clip", "-1"], "--grad_clip"),
     (["--method", "ppo"], "--method"), (["--report_to", "mlflow"], "--report_to"),
     (["--pack"], "--pack"), (["--resume", "--overwrite"], "contradict")])

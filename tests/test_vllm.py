@@ -210,6 +210,21 @@ def test_vllm_sampled_logprobs_match_trainer(tmp_path):
         assert min(min(x) for x in lps) < -1.0  # unlikely tokens were drawn too: the check spans the range
 
 
+@needs_vllm
+def test_vllm_per_prompt_seeds_make_sampling_repeatable(tmp_path):
+    """With a seed, what vLLM samples depends on that seed alone, not on what the engine drew
+    before: what lets a resumed run (or an evaluation between steps) leave training's draws as they
+    were. Without one, draws continue the engine's own stream."""
+    _, tok = vllm_test_model(tmp_path, tie=True)
+    engine = vllm_test_engine(tmp_path, tok)
+    prompts = _prompts(6, seed=3)
+    first = engine.generate(prompts, 4, 12, 1.0, seed=1234)
+    engine.generate(prompts, 4, 12, 1.0)  # draws from the engine-wide generator in between
+    assert engine.generate(prompts, 4, 12, 1.0, seed=1234) == first
+    assert engine.generate(prompts, 4, 12, 1.0, seed=999) != first
+    assert engine.generate(prompts, 4, 12, 1.0) != engine.generate(prompts, 4, 12, 1.0)
+
+
 # ----------------------------------------------------------------------------
 # sleep mode needs CUDA
 

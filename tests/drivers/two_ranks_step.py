@@ -25,23 +25,28 @@ SETTINGS = {  # uneven micro-batches; two optimizer mini-batches (pi_old frozen)
     "micro": ["--micro_batch", "3"],
     "mini": ["--micro_batch", "3", "--mini_batches", "2"],
     "packed": ["--micro_batch_tokens", "120", "--pack", "--mini_batches", "2", "--entropy_coef", "0.01"],
+    # rank 0's rows are long, rank 1's short: under a token budget rank 0 cuts more micro-batches, and
+    # luffy's group whose teacher fails its check has N-1 rows. The ranks must still pair their collectives.
+    "uneven": ["--micro_batch_tokens", "150", "--method", "luffy"],
 }
 dist = parallel.init()
 tok = tiny.make_tokenizer()
 problems, _ = data.encode(tok, data.builtin_task(n_train=12, n_eval=1)[0], None, None)
 
 
-def global_groups(step, n=4):
-    """The whole rollout batch of a step: 4 prompts x 4 rollouts, each rollout either the teacher's
-    own solution (reward 1) or random bytes (reward 0), from a generator seeded by the step."""
+def global_groups(step, n=4, uneven=False):
+    """The whole rollout batch of a step: 4 prompts x n rollouts, each rollout either the teacher's
+    own solution (reward 1) or random bytes (reward 0), from a generator seeded by the step. uneven:
+    the even prompts' (rank 0's) junk is 40-80 tokens, the odd ones' 1-5, and the first teacher fails."""
     g = torch.Generator().manual_seed(1000 + step)
     groups = []
-    for p in problems[4 * step:4 * step + 4]:
+    for k, p in enumerate(problems[4 * step:4 * step + 4]):
         right = (torch.rand(n, generator=g) < 0.3).tolist()
-        junk = [torch.randint(1, 257, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        lo, hi = ((40, 80) if k % 2 == 0 else (1, 5)) if uneven else (1, 20)
+        junk = [torch.randint(1, 257, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(n)]
         groups.append(hapo.Group(p.prompt_ids, [list(p.solution_ids) if r else j for r, j in zip(right, junk)],
-                                 [float(r) for r in right], p.solution_ids, 1.0))
+                                 [float(r) for r in right], p.solution_ids, 0.0 if uneven and k == 0 else 1.0))
     return groups
 
 
@@ -54,9 +59,10 @@ for name, extra in SETTINGS.items():
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = []
     for step in range(3):
-        groups = global_groups(step)[dist.rank::dist.world]  # this rank's prompts, as train.py shards them
+        n = hapo.rollouts_per_group(cfg.method, cfg.group_size)
+        groups = global_groups(step, n, name == "uneven")[dist.rank::dist.world]  # this rank's, as train.py shards
         opened, conf = hapo.gate_groups(groups, cfg.method, 0.8)
-        trained = hapo.inject(groups, opened)
+        trained = hapo.inject(groups, opened, cfg.method)
         batch = hapo.pack(trained, hapo.advantages(trained), tok.pad_token_id).to(dist.device)
         result = update.optimize(policy, opt, batch, cfg, dist, lr=cfg.lr)
         rows.append({**parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)), **result})
