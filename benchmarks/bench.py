@@ -1,7 +1,7 @@
 """Benchmark: this project's training step against TRL's GRPOTrainer on the same work, in one run.
 
     pip install -r benchmarks/requirements.txt   # TRL and datasets: only this file needs them
-    python benchmarks/bench.py                   # ~6-9 minutes on 2 CPU cores; prints the tables
+    python benchmarks/bench.py                   # ~8 minutes on 2 CPU cores; prints the tables
     python benchmarks/bench.py --json bench.json # and writes them as JSON
 
 Three measurements, each side in its own process (so peak memory, VmHWM, is its own), one torch
@@ -48,9 +48,9 @@ class Args:
     new_tokens: int = 48  # fixed: tokens per completion on both sides
     micro_batch: int = 64  # fixed: completions per forward/backward (TRL: per_device_train_batch_size)
     lr: float = 1e-3  # AdamW learning rate, constant
-    real_steps: int = 6  # realistic: recorded batches (the first is warm-up)
-    real_median: int = 160  # realistic: median policy response length (log-normal, sigma 0.8)
-    real_max: int = 1024  # realistic: longest policy response (max_new_tokens)
+    real_steps: int = 4  # realistic: recorded batches (the first is warm-up)
+    real_median: int = 120  # realistic: median policy response length (log-normal, sigma 0.8)
+    real_max: int = 768  # realistic: longest policy response (max_new_tokens)
     real_budget: int = 8192  # realistic: our --micro_batch_tokens
     real_pack: int = 0  # realistic: 1 adds our --pack (on a CPU, sdpa masks a packed row densely: quadratic)
     real_trl_micro: int = 16  # realistic: TRL's per_device_train_batch_size
