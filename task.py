@@ -27,7 +27,7 @@ correct but restates the problem and checks every line twice.
 import random
 
 BUILTIN = "builtin"  # train.py --data default (data.load_problems reads `builtin` and `builtin:OPTS`)
-TEACHERS = ("standard", "verbose")
+TEACHERS = ("standard", "verbose", "wordy")  # solve()'s solution styles, all correct
 
 
 def question(a: int, b: int) -> str:
@@ -52,6 +52,10 @@ def solve(a: int, b: int, teacher: str = "standard") -> str:
         lines = [f"We add {a} and {b} column by column."] + \
                 [ln for line in lines for ln in (line, f"check: {line}")] + \
                 [f"so {a}+{b}={a + b}"]
+    elif teacher == "wordy":
+        # The policy's own column lines, untouched and in one block, between a restatement and a
+        # summary: longer for nothing, without changing the procedure the policy runs.
+        lines = [f"We add {a} and {b} column by column."] + lines + [f"so {a}+{b}={a + b}"]
     return "\n".join(lines + [f"\\boxed{{{a + b}}}"])
 
 
@@ -65,49 +69,92 @@ def seen_three_digit_pairs() -> list[tuple[int, int]]:
     return pairs
 
 
-def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3
-               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(train, eval) pairs of `digits`-digit numbers whose total has one digit more.
-
-    With digits=3 (the built-in task) that is a+b >= 1000: the base model has added three-digit
-    numbers only when the total stayed below 1000, so these ask for the one step it has never taken.
-    Eval is drawn first, so it depends only on (seed, n_eval, digits) and stays the same when n_train
-    changes. Neither split holds a sum the base model was pretrained on, and train excludes every
-    eval pair and its swap (b+a is the same problem to a learner that has seen a+b).
-    """
+def _drawer(rng: random.Random, digits: int, carry_out: bool, excluded: set):
+    """draw(n, also_excluded) -> n new `digits`-digit pairs with (carry_out) or without a carry out of
+    the top column, by rejection from `rng`; never the same pair twice, nor one in `excluded`."""
     lo = 10 ** (digits - 1) if digits > 1 else 0
     span = 10**digits - lo  # how many operands have exactly `digits` digits
-    total = span * span
-    seen = {p for a, b in seen_three_digit_pairs() if digits == 3 for p in ((a, b), (b, a))}
-    rng, tried = random.Random(seed), set()
+    total, tried = span * span, set()
 
-    def draw(n, excluded):  # n new pairs with a carry out of the top column, by rejection
+    def draw(n, also_excluded=frozenset()):
         out = []
         while len(out) < n and len(tried) < total:
             i = rng.randrange(total)  # indices, not pairs: digits=6 is fine too
             if i not in tried:
                 tried.add(i)
                 a, b = lo + i // span, lo + i % span
-                if a + b >= 10**digits and (a, b) not in excluded:
+                if (a + b >= 10**digits) == carry_out and (a, b) not in excluded | also_excluded:
                     out.append((a, b))
         if len(out) < n:
-            raise ValueError(f"too few {digits}-digit sums with {digits + 1}-digit totals for "
-                             f"n_train={n_train} and n_eval={n_eval} (held out with their swaps)")
+            kind = f"{digits + 1}-digit" if carry_out else f"{digits}-digit"
+            raise ValueError(f"too few {digits}-digit sums with {kind} totals for {n} more "
+                             "(held out with their swaps)")
         return out
+    return draw
 
-    eval_pairs = draw(n_eval, seen)
-    return draw(n_train, seen | {(b, a) for a, b in eval_pairs}), eval_pairs
+
+def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3, easy: float = 0.0
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(train, eval) pairs of `digits`-digit numbers: hard ones, whose total has one digit more, and a
+    share `easy` of easy ones, whose total does not.
+
+    With digits=3 (the built-in task) hard is a+b >= 1000: the base model has added three-digit
+    numbers only when the total stayed below 1000, so these ask for the one step it has never taken
+    (it solves none). Easy is a three-digit sum below 1000 that it was not pretrained on: the kind it
+    has seen, which it solves every time. A mix (`easy=0.5`) lets a policy succeed on its own on part
+    of the prompts from the first step, so HAPO's gate can close there (docs/EVIDENCE.md).
+
+    Each kind has its own random stream and its eval pairs are drawn first, n_eval of each kind; a mix
+    holds out the first round(n_eval * easy) easy and the rest hard ones. So easy=0 is the original
+    task pair for pair, easy=0 and easy=1 hold out the hard and easy pairs a mix is evaluated on (and
+    more), and eval depends only on (seed, n_eval, digits, easy). Neither split holds a sum the base
+    model was pretrained on, and train excludes every held-out pair of either kind and its swap (b+a
+    is the same problem to a learner that has seen a+b). The mix's order is shuffled, seeded.
+    """
+    if not 0.0 <= easy <= 1.0:
+        raise ValueError(f"easy must be a share in [0, 1], got {easy}")
+    seen = {p for a, b in seen_three_digit_pairs() if digits == 3 for p in ((a, b), (b, a))}
+    n_easy_eval, n_easy_train = round(n_eval * easy), round(n_train * easy)
+    train, evaluation = [], []
+    for carry_out, n_ev, n_tr in ((True, n_eval - n_easy_eval, n_train - n_easy_train),
+                                  (False, n_easy_eval, n_easy_train)):
+        if carry_out and easy == 1.0 or not carry_out and easy == 0.0:
+            continue  # a kind that is not asked for is not drawn
+        stream = random.Random(seed) if carry_out else random.Random(f"easy-{seed}")
+        draw = _drawer(stream, digits, carry_out, seen)
+        held = draw(n_eval)  # all n_eval, so a mix holds out a prefix of the pure task's eval pairs
+        evaluation += held[:n_ev]
+        train += draw(n_tr, {p for a, b in held for p in ((a, b), (b, a))})
+    if 0.0 < easy < 1.0:  # interleave the kinds, so any prefix of either split is a mix
+        random.Random(seed).shuffle(train), random.Random(seed + 1).shuffle(evaluation)
+    return train, evaluation
 
 
 def parse_spec(spec: str) -> dict:
-    """`builtin:verbose,digits=3,n_train=N,n_eval=N,seed=N` -> keyword arguments; raises ValueError."""
+    """`builtin:OPTS` -> keyword arguments of data.builtin_task; raises ValueError.
+
+    OPTS, comma-separated: `verbose` or `wordy` (the teacher's style; also `teacher=NAME`), `easy=F`
+    (the share of easy prompts, 0 to 1), `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`.
+    """
     kwargs = {}
     for opt in filter(None, spec.partition(":")[2].split(",")):
         key, _, value = opt.partition("=")
-        if key == "verbose" and not value:
-            kwargs["teacher"] = "verbose"
+        if key in TEACHERS and not value:
+            kwargs["teacher"] = key
+        elif key == "teacher" and value in TEACHERS:
+            kwargs["teacher"] = value
         elif key in ("digits", "n_train", "n_eval", "seed") and value.isdigit():
             kwargs[key] = int(value)
+        elif key == "easy" and _is_share(value):
+            kwargs[key] = float(value)
         else:
-            raise ValueError(f"unknown option '{opt}': use verbose, digits=N, n_train=N, n_eval=N, seed=N")
+            raise ValueError(f"unknown option '{opt}': use verbose, wordy, teacher={'|'.join(TEACHERS)}, "
+                             "easy=F (0 to 1), digits=N, n_train=N, n_eval=N, seed=N")
     return kwargs
+
+
+def _is_share(value: str) -> bool:
+    try:
+        return 0.0 <= float(value) <= 1.0
+    except ValueError:
+        return False
