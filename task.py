@@ -20,14 +20,21 @@ Format (digits=2), one line per column, least significant first:
 A column line is `x+y=s r` or `x+y+1=s r` (the `+1` is the carry in). `s` is the column sum and
 `r` the running result: the sum of the columns done so far, (a mod 10^k) + (b mod 10^k) for the k
 lowest columns, written with at least k digits. Each line's r is its s followed by the previous r
-without its carry digit, so the last r is the answer and the box copies it. The `verbose` teacher is
-correct but restates the problem and checks every line twice.
+without its carry digit, so the last r is the answer and the box copies it.
+
+Variants (`builtin:OPTS`, parse_spec), made to test Theorem 4.2 (docs/EVIDENCE.md). Teachers, all
+correct and verified, in solve(): `verbose` restates the problem and checks every line (3.3x as
+long); `wordy` puts a restatement before the column lines and a summary after them (2.2x); `tail`
+keeps the lines and adds a summary between them and the box (2.2x); `recap` is the standard solution,
+box included, followed by a recap (2.2x): the only one whose opening is exactly what the policy must
+write to succeed. Prompts: `easy=F` mixes in a share F of sums the base model solves, three-digit sums
+below 1000 it was not pretrained on, or with `easy_digits=2` two-digit sums (all pretrained on).
 """
 
 import random
 
 BUILTIN = "builtin"  # train.py --data default (data.load_problems reads `builtin` and `builtin:OPTS`)
-TEACHERS = ("standard", "verbose", "wordy")  # solve()'s solution styles, all correct
+TEACHERS = ("standard", "verbose", "wordy", "tail", "recap")  # solve()'s solution styles, all correct
 
 
 def question(a: int, b: int) -> str:
@@ -52,6 +59,15 @@ def solve(a: int, b: int, teacher: str = "standard") -> str:
         lines = [f"We add {a} and {b} column by column."] + \
                 [ln for line in lines for ln in (line, f"check: {line}")] + \
                 [f"so {a}+{b}={a + b}"]
+    elif teacher == "tail":
+        # The policy's own column lines, word for word, then a restatement before the box: the
+        # missing step is shown exactly where the policy writes it, and the rest is only longer.
+        lines = lines + [f"so {a}+{b}={a + b}", f"and {b}+{a}={a + b}", f"so the answer is {a + b}"]
+    elif teacher == "recap":
+        # The standard solution, box included, then a recap after the answer: exactly what the policy
+        # would need to write to succeed, followed by text that changes nothing but the length.
+        return "\n".join(lines + [f"\\boxed{{{a + b}}}", f"so {a}+{b}={a + b}", f"and {b}+{a}={a + b}",
+                                  f"so the answer is {a + b}"])
     elif teacher == "wordy":
         # The policy's own column lines, untouched and in one block, between a restatement and a
         # summary: longer for nothing, without changing the procedure the policy runs.
@@ -69,9 +85,10 @@ def seen_three_digit_pairs() -> list[tuple[int, int]]:
     return pairs
 
 
-def _drawer(rng: random.Random, digits: int, carry_out: bool, excluded: set):
-    """draw(n, also_excluded) -> n new `digits`-digit pairs with (carry_out) or without a carry out of
-    the top column, by rejection from `rng`; never the same pair twice, nor one in `excluded`."""
+def _drawer(rng: random.Random, digits: int, carry_out, excluded: set):
+    """draw(n, also_excluded) -> n new `digits`-digit pairs with (carry_out True) or without (False) a
+    carry out of the top column, or either (None), by rejection from `rng`; never the same pair twice,
+    nor one in `excluded`."""
     lo = 10 ** (digits - 1) if digits > 1 else 0
     span = 10**digits - lo  # how many operands have exactly `digits` digits
     total, tried = span * span, set()
@@ -83,26 +100,25 @@ def _drawer(rng: random.Random, digits: int, carry_out: bool, excluded: set):
             if i not in tried:
                 tried.add(i)
                 a, b = lo + i // span, lo + i % span
-                if (a + b >= 10**digits) == carry_out and (a, b) not in excluded | also_excluded:
+                if carry_out in (None, a + b >= 10**digits) and (a, b) not in excluded | also_excluded:
                     out.append((a, b))
         if len(out) < n:
-            kind = f"{digits + 1}-digit" if carry_out else f"{digits}-digit"
-            raise ValueError(f"too few {digits}-digit sums with {kind} totals for {n} more "
-                             "(held out with their swaps)")
+            raise ValueError(f"too few {digits}-digit sums of this kind for {n} more (held out with their swaps)")
         return out
     return draw
 
 
-def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3, easy: float = 0.0
-               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3, easy: float = 0.0,
+               easy_digits: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(train, eval) pairs of `digits`-digit numbers: hard ones, whose total has one digit more, and a
     share `easy` of easy ones, whose total does not.
 
     With digits=3 (the built-in task) hard is a+b >= 1000: the base model has added three-digit
     numbers only when the total stayed below 1000, so these ask for the one step it has never taken
     (it solves none). Easy is a three-digit sum below 1000 that it was not pretrained on: the kind it
-    has seen, which it solves every time. A mix (`easy=0.5`) lets a policy succeed on its own on part
-    of the prompts from the first step, so HAPO's gate can close there (docs/EVIDENCE.md).
+    has seen, which it solves every time; with `easy_digits=2` it is a two-digit sum instead (any, all
+    pretrained on). A mix (`easy=0.5`) lets a policy succeed on its own on part of the prompts from the
+    first step, so HAPO's gate can close there (docs/EVIDENCE.md).
 
     Each kind has its own random stream and its eval pairs are drawn first, n_eval of each kind; a mix
     holds out the first round(n_eval * easy) easy and the rest hard ones. So easy=0 is the original
@@ -121,7 +137,10 @@ def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: in
         if carry_out and easy == 1.0 or not carry_out and easy == 0.0:
             continue  # a kind that is not asked for is not drawn
         stream = random.Random(seed) if carry_out else random.Random(f"easy-{seed}")
-        draw = _drawer(stream, digits, carry_out, seen)
+        if carry_out or easy_digits in (0, digits):
+            draw = _drawer(stream, digits, carry_out, seen)
+        else:  # easy_digits-digit sums of any total (for 2: every one was pretrained on)
+            draw = _drawer(stream, easy_digits, None, set())
         held = draw(n_eval)  # all n_eval, so a mix holds out a prefix of the pure task's eval pairs
         evaluation += held[:n_ev]
         train += draw(n_tr, {p for a, b in held for p in ((a, b), (b, a))})
@@ -133,8 +152,8 @@ def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: in
 def parse_spec(spec: str) -> dict:
     """`builtin:OPTS` -> keyword arguments of data.builtin_task; raises ValueError.
 
-    OPTS, comma-separated: `verbose` or `wordy` (the teacher's style; also `teacher=NAME`), `easy=F`
-    (the share of easy prompts, 0 to 1), `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`.
+    OPTS, comma-separated: a teacher's name from TEACHERS (also `teacher=NAME`), `easy=F` (the share
+    of easy prompts, 0 to 1), `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`.
     """
     kwargs = {}
     for opt in filter(None, spec.partition(":")[2].split(",")):
@@ -143,13 +162,13 @@ def parse_spec(spec: str) -> dict:
             kwargs["teacher"] = key
         elif key == "teacher" and value in TEACHERS:
             kwargs["teacher"] = value
-        elif key in ("digits", "n_train", "n_eval", "seed") and value.isdigit():
+        elif key in ("digits", "n_train", "n_eval", "seed", "easy_digits") and value.isdigit():
             kwargs[key] = int(value)
         elif key == "easy" and _is_share(value):
             kwargs[key] = float(value)
         else:
-            raise ValueError(f"unknown option '{opt}': use verbose, wordy, teacher={'|'.join(TEACHERS)}, "
-                             "easy=F (0 to 1), digits=N, n_train=N, n_eval=N, seed=N")
+            raise ValueError(f"unknown option '{opt}': use {', '.join(TEACHERS[1:])}, teacher=NAME, "
+                             "easy=F (0 to 1), easy_digits=N, digits=N, n_train=N, n_eval=N, seed=N")
     return kwargs
 
 

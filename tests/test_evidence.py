@@ -100,6 +100,27 @@ def test_task_wordy_teacher_keeps_the_policys_lines_in_one_block():
     assert lengths["standard"] < lengths["wordy"] < lengths["verbose"]
 
 
+def test_task_recap_and_tail_teachers():
+    """recap: the standard solution word for word, then text after the box; tail: the same text
+    between the column lines and the box. Both right, both about twice as long."""
+    short = task.solve(890, 328)
+    recap, tail = task.solve(890, 328, "recap"), task.solve(890, 328, "tail")
+    assert recap.startswith(short + "\n") and recap.count("\\boxed") == 1
+    assert recap.split("\n")[-3:] == ["so 890+328=1218", "and 328+890=1218", "so the answer is 1218"]
+    assert tail.startswith(short.rsplit("\n", 1)[0] + "\nso 890+328=1218\n") and tail.endswith("\\boxed{1218}")
+    assert reward(recap, "1218") == reward(tail, "1218") == 1.0
+    assert 2 * len(short) < len(recap) == len(tail) < 2.5 * len(short)  # the same lines, reordered
+    assert reward(recap + "\n\\boxed{5}", "1218") == 0.0  # a second box after the recap would count
+
+
+def test_task_easy_digits_two_mixes_in_pretrained_two_digit_sums():
+    train, evaluation = task.make_pairs(200, 20, 0, 3, 0.25, easy_digits=2)
+    small = [(a, b) for a, b in train + evaluation if a < 100]
+    assert len(small) == 55 and all(10 <= a <= 99 and 10 <= b <= 99 for a, b in small)
+    assert all(a + b >= 1000 for a, b in train + evaluation if a >= 100)
+    assert task.parse_spec("builtin:easy=0.25,easy_digits=2") == {"easy": 0.25, "easy_digits": 2}
+
+
 def test_builtin_spec_easy_and_teacher_options():
     assert task.parse_spec("builtin:easy=0.5,wordy") == {"easy": 0.5, "teacher": "wordy"}
     assert task.parse_spec("builtin:teacher=verbose,easy=1") == {"teacher": "verbose", "easy": 1.0}
@@ -126,3 +147,46 @@ def test_shipped_base_model_solves_the_easy_share_and_none_of_the_hard():
         solved["easy" if int(p.answer) < 1000 else "hard"] += [reward(t, p.answer) for t in texts[2 * i:2 * i + 2]]
     assert len(solved["easy"]) == len(solved["hard"]) == 16
     assert sum(solved["easy"]) >= 15 and sum(solved["hard"]) == 0
+
+
+# ----------------------------------------------------------------------------
+# scripts/experiment.py --preset evidence: the one command, cut to seconds
+
+
+def test_evidence_experiment_smoke(tmp_path, capsys):
+    """The preset's pipeline end to end at toy size: runs, per-part eval, table, figure, resume."""
+    import importlib.util
+    from tests.helpers import ROOT
+    spec = importlib.util.spec_from_file_location("experiment", os.path.join(ROOT, "scripts", "experiment.py"))
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    assert "--data" in experiment.PRESETS["evidence"]["train_args"]
+    out = str(tmp_path / "ev")
+    small = ["--preset", "evidence", "--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2",
+             "--methods", "hapo", "luffy", "--part_eval", "hard=builtin:n_train=4,n_eval=3",
+             "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "16", "--eval_problems", "4",
+             "--rollout", "hf"]
+    table = experiment.main(small)
+    assert set(table) == {"hapo", "luffy"}
+    assert table["luffy"]["teacher_total"] == 4 and table["luffy"]["teacher_start"] == 2  # 2 groups x 2 steps
+    for t in table.values():
+        assert 0 <= t["final_hard_mean"] <= 1 and t["len_start"] > 0 and t["teacher_len"] > 40
+    text = capsys.readouterr().out
+    assert "| hapo |" in text and "final, hard prompts" in text and "teacher's solutions average" in text
+    assert open(os.path.join(out, "table.md")).read().startswith("| method |")
+    samples = os.path.join(out, "hapo_s0", "eval_hard", "samples.jsonl")
+    assert sum(1 for _ in open(samples)) == 3
+    before = os.path.getmtime(samples)
+    experiment.main(small)  # finished runs and evaluations are not redone
+    assert os.path.getmtime(samples) == before
+
+
+def test_experiment_teacher_signal_counts_only_teachers_with_a_gradient():
+    import importlib.util
+    from tests.helpers import ROOT
+    spec = importlib.util.spec_from_file_location("experiment", os.path.join(ROOT, "scripts", "experiment.py"))
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    row = {"train/teacher_injected": 16, "train/zero_var_frac": 0.25}
+    assert experiment.teacher_signal(row, "luffy") == 12  # 4 groups whose 7 samples all succeeded
+    assert experiment.teacher_signal(row, "hapo") == 16 and experiment.teacher_signal(row, "srft") == 16
