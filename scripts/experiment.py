@@ -178,6 +178,14 @@ def window_mean(rs, key, first, window, method=None):
     return statistics.mean(per_seed)
 
 
+def peak(rs, key, smooth=10):
+    """The highest `smooth`-step moving average of a per-step metric's mean over seeds."""
+    series = [curves(rows, key)[1] for rows in rs]
+    n = min(len(v) for v in series)
+    mean = [statistics.mean(v[i] for v in series) for i in range(n)]
+    return max(statistics.mean(mean[i:i + smooth]) for i in range(max(n - smooth + 1, 1)))
+
+
 def summary(runs, parts=(), out="", window=20):
     """Per method: accuracy (start, final mean/std, steps to half the best), response length and
     teacher use over the first and last `window` steps, collapse, and per-part final accuracy."""
@@ -201,6 +209,7 @@ def summary(runs, parts=(), out="", window=20):
                           ("teacher_signal", "teacher_signal"), ("train/reward", "reward")):
             table[m][f"{name}_start"] = window_mean(rs, key, True, window, m)
             table[m][f"{name}_end"] = window_mean(rs, key, False, window, m)
+        table[m]["len_peak"] = peak(rs, "train/response_len")
         for name, _ in parts:
             accs = [json.load(open(p))["builtin"]["avg_at_k"] if os.path.exists(p) else None
                     for p in (os.path.join(run_dir(out, m, s), f"eval_{name}", "summary.json") for s in range(len(rs)))]
@@ -216,7 +225,7 @@ def markdown(best, table, parts=(), teacher_len=None):
     w = next(iter(table.values()))["window"] if table else 20
     part_heads = [f"final, {name} prompts" for name, _ in parts]
     heads = ["method", "held-out accuracy at step 0", "final held-out accuracy", *part_heads,
-             f"steps to {best / 2:.3f} (half the best)", f"response length, first / last {w} steps",
+             f"steps to {best / 2:.3f} (half the best)", f"response length, first {w} / peak / last {w} steps",
              f"teacher samples per step, first / last {w}", f"of which with a gradient, last {w}",
              "teacher samples in all", "zero-variance groups"]
     lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
@@ -226,7 +235,7 @@ def markdown(best, table, parts=(), teacher_len=None):
         part_cells = [f"{t[f'final_{n}_mean']:.3f} +- {t[f'final_{n}_std']:.3f}" if f"final_{n}_mean" in t else "-"
                       for n, _ in parts]
         cells = [m, f"{t['start_acc_mean']:.3f}", f"{t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f}", *part_cells,
-                 reach_s, f"{t['len_start']:.1f} / {t['len_end']:.1f}", f"{t['teacher_start']:.1f} / {t['teacher_end']:.1f}",
+                 reach_s, f"{t['len_start']:.1f} / {t['len_peak']:.1f} / {t['len_end']:.1f}", f"{t['teacher_start']:.1f} / {t['teacher_end']:.1f}",
                  f"{t['teacher_signal_end']:.1f}", f"{t['teacher_total']:.0f}", f"{t['zero_var_frac']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if teacher_len is not None:

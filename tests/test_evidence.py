@@ -190,3 +190,19 @@ def test_experiment_teacher_signal_counts_only_teachers_with_a_gradient():
     row = {"train/teacher_injected": 16, "train/zero_var_frac": 0.25}
     assert experiment.teacher_signal(row, "luffy") == 12  # 4 groups whose 7 samples all succeeded
     assert experiment.teacher_signal(row, "hapo") == 16 and experiment.teacher_signal(row, "srft") == 16
+
+
+def test_teacher_advantage_table_of_the_write_up():
+    """docs/EVIDENCE.md's teacher weights: in a group of 8 holding the teacher and k sampled successes
+    (HAPO after SSI with S = k, or LUFFY with k of its 7), Eq. 2 gives the teacher
+    A(k) = sqrt(56 (7 - k)) / (8 sqrt(k + 1)); 0 when k = 7 (LUFFY's all-solved groups)."""
+    from loss import group_advantages
+    expected = [2.475, 1.620, 1.208, 0.935, 0.725, 0.540, 0.354, 0.0]
+    for k, want in enumerate(expected):
+        rewards = torch.tensor([[1.0] * (k + 1) + [0.0] * (7 - k)])  # the teacher first
+        assert group_advantages(rewards)[0, 0].item() == pytest.approx(want, abs=1e-3)
+
+    def mean_teacher_advantage(mu, sampled):  # over k ~ Binomial(sampled, mu), the gate's S <= 6 only
+        return sum(math.comb(sampled, k) * mu**k * (1 - mu) ** (sampled - k) * expected[k] for k in range(7))
+    assert round(mean_teacher_advantage(0.9, 8), 3) == 0.074  # HAPO
+    assert round(mean_teacher_advantage(0.9, 7), 3) == 0.218  # LUFFY
