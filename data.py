@@ -1,8 +1,8 @@
 """Problems with a gold answer and a teacher solution, from files, the hub or the built-in task.
 
 `load_problems(spec)` reads one of:
-  - `builtin`, or `builtin:OPTS` with comma-separated OPTS among `verbose`, `digits=N`,
-    `n_train=N`, `n_eval=N`, `seed=N` (the addition task of task.py; split "train" or "eval");
+  - `builtin`, or `builtin:OPTS` with comma-separated OPTS among `verbose`, `wordy`, `easy=F`,
+    `digits=N`, `n_train=N`, `n_eval=N`, `seed=N` (the addition task of task.py; split "train" or "eval");
   - a `.jsonl` or `.parquet` file;
   - a hub data set id `owner/name` (needs the `datasets` package).
 
@@ -213,14 +213,15 @@ def _hub_rows(name: str, split: str):
 
 
 def builtin_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3,
-                 teacher: str = "standard") -> tuple[list[Problem], list[Problem]]:
+                 teacher: str = "standard", easy: float = 0.0, easy_digits: int = 0
+                 ) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) Problems of the built-in addition task (task.py); deterministic given the seed."""
     def problem(a, b):
         return Problem(prompt=[{"role": "user", "content": task.question(a, b)}], answer=str(a + b),
                        solution=task.solve(a, b, teacher), source=task.BUILTIN)
     if teacher not in task.TEACHERS:
         raise ValueError(f"teacher must be one of {task.TEACHERS}, got {teacher!r}")
-    train, evaluation = task.make_pairs(n_train, n_eval, seed, digits)
+    train, evaluation = task.make_pairs(n_train, n_eval, seed, digits, easy, easy_digits)
     return [problem(a, b) for a, b in train], [problem(a, b) for a, b in evaluation]
 
 

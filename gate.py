@@ -74,3 +74,17 @@ def ssi(group, rewards, teacher, teacher_reward):
 def hoeffding_bound(mu, gamma, n):
     """Eq. 11: P(c < gamma) <= exp(-2 N (mu - gamma)^2), for a success rate mu > gamma."""
     return math.exp(-2 * n * (mu - gamma) ** 2)
+
+
+def gate_open_probability(mu, gamma, n):
+    """The exact P(c < gamma) for S ~ Binomial(N, mu): the chance the gate opens on a prompt whose
+    success rate is mu, i.e. the expected teacher share of such prompts.
+
+    c < gamma is S < gamma (2 + N) - 1, so this is the binomial CDF up to the largest S that opens
+    (S <= 6 at N = 8, gamma = 0.8). Eq. 11 bounds it, loosely: at mu = 0.9 the bound is 0.85 and this
+    is 0.187. For a fixed N it reaches 0 only at mu = 1; below that the teacher keeps coming back,
+    e.g. 0.057 at mu = 0.95 (two failures in eight open it). Eq. 11 is Hoeffding's bound on S/N <= gamma,
+    while the gate's event is S/N < gamma + (2 gamma - 1)/N; at N = 8 both are S <= 6.
+    """
+    opens = [s for s in range(n + 1) if confidence(s, n) < gamma]  # the same comparison as gate()
+    return sum(math.comb(n, s) * mu**s * (1 - mu) ** (n - s) for s in opens)

@@ -1,11 +1,15 @@
 """The paper's Figure 2 on the built-in task: HAPO vs GRPO vs LUFFY vs SRFT, several seeds.
 
-    python scripts/experiment.py              # 4 methods x 3 seeds, 2 at a time; then the plot and table
-    python scripts/experiment.py --report     # only redraw the plot and table from finished runs
+    python scripts/experiment.py                    # 4 methods x 3 seeds, 2 at a time; then the plot and table
+    python scripts/experiment.py --report           # only redraw the plot and table from finished runs
+    python scripts/experiment.py --preset evidence  # the Theorem 4.2 experiment of docs/EVIDENCE.md
 
 Each run is `python train.py --method M --seed S ...` in its own process (one thread each), writing
 <out>/<method>_s<seed>/metrics.jsonl; a finished run is not rerun, so an interrupted experiment
-continues where it stopped. The plot needs matplotlib (`pip install matplotlib`); the table does not.
+continues where it stopped. Arguments this script does not know go to train.py. `--part_eval
+NAME=SPEC` also scores each run's last checkpoint on SPEC's eval split with eval.py (kept in
+<run>/eval_NAME, so it is not redone either). The table goes to <out>/table.md and stdout, the
+figure to <out>/figure2.png (needs matplotlib: `pip install matplotlib`; the table does not).
 """
 
 import argparse
@@ -19,6 +23,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hapo import METHODS  # noqa: E402  (after the path: the project's modules live one level up)
+
+# Named experiments: flags that reproduce a write-up's numbers with one command (docs/EVIDENCE.md).
+# evidence: the built-in task with a teacher that is right but adds a recap after its answer, run
+# long enough for HAPO's gate to close; the last checkpoints are also scored on the three-digit sums
+# below 1000 that the base model solves (did imitating the teacher cost a skill the policy had?).
+PRESETS = {
+    "evidence": {"out": "runs/evidence", "steps": 300, "eval_every": 25, "part_eval": ["easy=builtin:easy=1"],
+                 "train_args": ["--data", "builtin:recap", "--max_new_tokens", "128"]},
+}
 
 
 def run_dir(out, method, seed):
@@ -70,6 +83,70 @@ def run_all(args):
     bar.close()
 
 
+def run_part_evals(args):
+    """eval.py on each run's last checkpoint, per `--part_eval NAME=SPEC`, `--jobs` at a time.
+
+    Held-out accuracy split by kind of prompt (say, the easy and the hard share of a mixed task):
+    train.py logs one number for the whole held-out set. eval.py resumes its own output, and a part
+    with a summary.json is not rerun."""
+    todo = []
+    for s in range(args.seeds):
+        for m in args.methods:
+            path = run_dir(args.out, m, s)
+            for name, spec in parse_parts(args.part_eval):
+                where = os.path.join(path, f"eval_{name}")
+                if finished(path, args.steps) and not os.path.exists(os.path.join(where, "summary.json")):
+                    todo.append([sys.executable, os.path.join(ROOT, "eval.py"), "--model", path, "--benchmarks", spec,
+                                 "--out_dir", where, "--max_new_tokens", str(train_flag(args, "max_new_tokens", 64)),
+                                 "--temperature", "0.6", "--k", "1", "--rollout", "hf"])  # train.py's held-out protocol
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            cmd = todo.pop(0)
+            running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True))
+        time.sleep(1)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode != 0:
+                sys.exit(f"experiment.py: error: eval.py failed: {proc.stderr.read().strip()[-400:]}")
+
+
+def parse_parts(items):
+    """["hard=builtin", ...] -> [("hard", "builtin"), ...]."""
+    parts = [item.partition("=")[::2] for item in items]
+    bad = [i for i, (n, s) in zip(items, parts) if not n or not s or not n.isidentifier()]
+    if bad:
+        sys.exit(f"experiment.py: error: --part_eval takes NAME=SPEC, got {bad[0]!r}")
+    return parts
+
+
+def train_flag(args, name, default):
+    """The value of train.py's --name among the pass-through arguments (the last one wins)."""
+    value = default
+    for i, a in enumerate(args.train_args):
+        if a == f"--{name}" and i + 1 < len(args.train_args):
+            value = args.train_args[i + 1]
+        elif a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+    return type(default)(value)
+
+
+def teacher_length(args):
+    """Mean length in tokens of the teacher solutions of the training set, EOS included (what SSI
+    injects), or None when the data cannot be read here: the reference line of the length panel."""
+    try:
+        import data
+        from models import load_model, resolve_model
+        _, tok = load_model(resolve_model(train_flag(args, "model", "tiny")), need_weights=False)
+        problems, _ = data.load_problems(train_flag(args, "data", "builtin"), "train")
+        enc, _ = data.encode(tok, problems[:500], None, None)
+        return statistics.mean(len(e.solution_ids) for e in enc)
+    except Exception as e:  # the table and the plot do not need it
+        print(f"experiment.py: no teacher length ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
 # ----------------------------------------------------------------------------
 # the report: per-method curves (mean over seeds) and the results table
 
@@ -80,8 +157,38 @@ def curves(rows, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def summary(runs):
-    """Per method: final accuracy mean/std, steps to half of the best accuracy, teacher use, collapse."""
+def teacher_signal(row, method):
+    """Teacher samples that got a gradient this step. LUFFY's shaped loss is -A f(p): in a group whose
+    N-1 sampled rollouts all succeeded the teacher's advantage, and so its gradient, is 0, and those
+    are the only zero-variance groups it has (every group holds a verified teacher). HAPO injects
+    only where S <= 6, so a group with its teacher always has a failure left; SRFT's -log p is
+    not weighted by the advantage."""
+    injected = row.get("train/teacher_injected", 0)
+    return injected * (1 - row["train/zero_var_frac"]) if method == "luffy" else injected
+
+
+def window_mean(rs, key, first, window, method=None):
+    """Mean over seeds of a per-step metric over the first (or last) `window` training steps."""
+    per_seed = []
+    for rows in rs:
+        steps = [r for r in rows if r["step"] > 0 and "train/reward" in r]
+        part = steps[:window] if first else steps[-window:]
+        vals = [teacher_signal(r, method) if key == "teacher_signal" else r[key] for r in part]
+        per_seed.append(statistics.mean(vals))
+    return statistics.mean(per_seed)
+
+
+def peak(rs, key, smooth=10):
+    """The highest `smooth`-step moving average of a per-step metric's mean over seeds."""
+    series = [curves(rows, key)[1] for rows in rs]
+    n = min(len(v) for v in series)
+    mean = [statistics.mean(v[i] for v in series) for i in range(n)]
+    return max(statistics.mean(mean[i:i + smooth]) for i in range(max(n - smooth + 1, 1)))
+
+
+def summary(runs, parts=(), out="", window=20):
+    """Per method: accuracy (start, final mean/std, steps to half the best), response length and
+    teacher use over the first and last `window` steps, collapse, and per-part final accuracy."""
     best = max((max(curves(rows, "eval/accuracy")[1]) for rs in runs.values() for rows in rs), default=0.0)
     table = {}
     for m, rs in runs.items():
@@ -96,24 +203,47 @@ def summary(runs):
         zero_var = [statistics.mean(curves(rows, "train/zero_var_frac")[1]) for rows in rs]
         table[m] = {"start_acc_mean": statistics.mean(start),
                     "final_acc_mean": statistics.mean(final), "final_acc_std": statistics.pstdev(final),
-                    "steps_to_half_best": reach, "teacher_total": statistics.mean(teacher),
-                    "zero_var_frac": statistics.mean(zero_var), "seeds": len(rs)}
+                    "final_acc": final, "steps_to_half_best": reach, "teacher_total": statistics.mean(teacher),
+                    "zero_var_frac": statistics.mean(zero_var), "seeds": len(rs), "window": window}
+        for key, name in (("train/response_len", "len"), ("train/teacher_injected", "teacher"),
+                          ("teacher_signal", "teacher_signal"), ("train/reward", "reward")):
+            table[m][f"{name}_start"] = window_mean(rs, key, True, window, m)
+            table[m][f"{name}_end"] = window_mean(rs, key, False, window, m)
+        table[m]["len_peak"] = peak(rs, "train/response_len")
+        for name, _ in parts:
+            accs = [json.load(open(p))["builtin"]["avg_at_k"] if os.path.exists(p) else None
+                    for p in (os.path.join(run_dir(out, m, s), f"eval_{name}", "summary.json") for s in range(len(rs)))]
+            accs = [a for a in accs if a is not None]
+            if accs:
+                table[m][f"final_{name}_mean"] = statistics.mean(accs)
+                table[m][f"final_{name}_std"] = statistics.pstdev(accs)
     return best, table
 
 
-def markdown(best, table):
-    lines = [f"| method | held-out accuracy at step 0 | final held-out accuracy | steps to {best / 2:.3f} (half the best) "
-             "| teacher samples | zero-variance groups |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def markdown(best, table, parts=(), teacher_len=None):
+    """The results table: one row per method."""
+    w = next(iter(table.values()))["window"] if table else 20
+    part_heads = [f"final, {name} prompts" for name, _ in parts]
+    heads = ["method", "held-out accuracy at step 0", "final held-out accuracy", *part_heads,
+             f"steps to {best / 2:.3f} (half the best)", f"response length, first {w} / peak / last {w} steps",
+             f"teacher samples per step, first / last {w}", f"of which with a gradient, last {w}",
+             "teacher samples in all", "zero-variance groups"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     for m, t in table.items():
         reach = [r for r in t["steps_to_half_best"] if r is not None]
         reach_s = f"{statistics.mean(reach):.0f} ({len(reach)}/{t['seeds']} seeds)" if reach else f"never (0/{t['seeds']})"
-        lines.append(f"| {m} | {t['start_acc_mean']:.3f} | {t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f} | {reach_s} | "
-                     f"{t['teacher_total']:.0f} | {t['zero_var_frac']:.2f} |")
+        part_cells = [f"{t[f'final_{n}_mean']:.3f} +- {t[f'final_{n}_std']:.3f}" if f"final_{n}_mean" in t else "-"
+                      for n, _ in parts]
+        cells = [m, f"{t['start_acc_mean']:.3f}", f"{t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f}", *part_cells,
+                 reach_s, f"{t['len_start']:.1f} / {t['len_peak']:.1f} / {t['len_end']:.1f}", f"{t['teacher_start']:.1f} / {t['teacher_end']:.1f}",
+                 f"{t['teacher_signal_end']:.1f}", f"{t['teacher_total']:.0f}", f"{t['zero_var_frac']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if teacher_len is not None:
+        lines.append(f"\nThe teacher's solutions average {teacher_len:.1f} tokens (EOS included).")
     return "\n".join(lines)
 
 
-def plot(runs, path):
+def plot(runs, path, teacher_len=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -137,6 +267,9 @@ def plot(runs, path):
             ma = lambda xs: [statistics.mean(xs[max(0, i - smooth + 1):i + 1]) for i in range(len(xs))]
             ax.plot(steps[:n], ma(mean), label=m)
             ax.fill_between(steps[:n], ma(lo), ma(hi), alpha=0.2)
+        if key == "train/response_len" and teacher_len is not None:
+            ax.axhline(teacher_len, color="gray", linestyle="--", linewidth=1, label="teacher")
+            ax.legend(loc="center right", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend()
@@ -147,26 +280,46 @@ def plot(runs, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named experiment: its defaults, then the flags given")
     p.add_argument("--out", default="runs/experiment", help="one sub-directory per run")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_every", type=int, default=20)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--part_eval", nargs="*", default=[], metavar="NAME=SPEC",
+                   help="also score each run's last checkpoint on SPEC's eval split (eval.py)")
+    p.add_argument("--window", type=int, default=20, help="steps averaged for the first/last columns")
     p.add_argument("--report", action="store_true", help="skip training; plot and tabulate finished runs")
     p.add_argument("--png", default="", help="plot path (default: <out>/figure2.png)")
-    args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:  # the preset's values become defaults, so flags given on the command line still win
+        spec = PRESETS[preset]
+        p.set_defaults(**{k: v for k, v in spec.items() if k != "train_args"})
+        args, rest = p.parse_known_args(argv)
+        args.train_args = spec["train_args"] + rest  # after the preset's, so train.py takes these
+    else:
+        args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py
     if not args.report:
         run_all(args)
+        run_part_evals(args)
     runs = {m: [read_metrics(run_dir(args.out, m, s)) for s in range(args.seeds)] for m in args.methods}
     runs = {m: [rows for rows in rs if rows] for m, rs in runs.items() if any(rs)}
     if not runs:
         sys.exit(f"experiment.py: error: no finished runs in {args.out}")
-    best, table = summary(runs)
+    parts = parse_parts(args.part_eval)
+    best, table = summary(runs, parts, args.out, args.window)
+    teacher_len = teacher_length(args)
+    for t in table.values():
+        t["teacher_len"] = teacher_len
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(table, f, indent=1)
-    print(markdown(best, table))
-    plot(runs, args.png or os.path.join(args.out, "figure2.png"))
+    text = markdown(best, table, parts, teacher_len)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    plot(runs, args.png or os.path.join(args.out, "figure2.png"), teacher_len)
     return table
 
 
