@@ -1,5 +1,6 @@
 """Shared by the test modules: small models, fake tokenizers, and running the project's commands."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,14 @@ TRAIN_SMALL = ["--batch_prompts", "4", "--group_size", "4", "--max_new_tokens", 
                "--eval_every", "2", "--no-progress", "--rollout", "hf"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
+
+
+def script(name):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_qwen2(vocab=40, seed=0, tie=True, init=0.02):

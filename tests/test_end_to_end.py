@@ -8,15 +8,7 @@ import os
 
 import pytest
 
-from tests.helpers import ROOT, TRAIN_SMALL, run_train
-
-
-def _script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import ROOT, TRAIN_SMALL, run_train, script
 
 
 def test_train_end_to_end_few_steps(tmp_path):
@@ -53,7 +45,7 @@ def test_train_bad_input_one_line_errors(tmp_path):
 
 
 def test_experiment_script_smoke(tmp_path, capsys):
-    experiment = _script("experiment")
+    experiment = script("experiment")
     out = str(tmp_path / "exp")
     table = experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2", "--jobs", "2",
                              "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "8",
@@ -68,7 +60,7 @@ def test_experiment_script_smoke(tmp_path, capsys):
 
 
 def test_probe_script_smoke(capsys):
-    probe = _script("probe")
+    probe = script("probe")
     logliks = {}
     for variant in ("full", "teacher_only"):
         probe.main(["--steps", "2", "--every", "1", "--variant", variant])
@@ -86,7 +78,7 @@ def test_readme_files_table_and_references_match_the_repository():
     import glob
     import re
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert _script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
+    assert script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
     for doc in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
         named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
         places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),

@@ -4,7 +4,6 @@ experiment's one command."""
 
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import task
 from data import builtin_task, load_problems
 from gate import gate, gate_open_probability, hoeffding_bound
 from reward import reward
+from tests.helpers import script
 
 
 def _pair(p):
@@ -155,11 +155,7 @@ def test_shipped_base_model_solves_the_easy_share_and_none_of_the_hard():
 
 def test_evidence_experiment_smoke(tmp_path, capsys):
     """The preset's pipeline end to end at toy size: runs, per-part eval, table, figure, resume."""
-    import importlib.util
-    from tests.helpers import ROOT
-    spec = importlib.util.spec_from_file_location("experiment", os.path.join(ROOT, "scripts", "experiment.py"))
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = script("experiment")
     assert "--data" in experiment.PRESETS["evidence"]["train_args"]
     out = str(tmp_path / "ev")
     small = ["--preset", "evidence", "--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2",
@@ -182,11 +178,7 @@ def test_evidence_experiment_smoke(tmp_path, capsys):
 
 
 def test_experiment_teacher_signal_counts_only_teachers_with_a_gradient():
-    import importlib.util
-    from tests.helpers import ROOT
-    spec = importlib.util.spec_from_file_location("experiment", os.path.join(ROOT, "scripts", "experiment.py"))
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = script("experiment")
     row = {"train/teacher_injected": 16, "train/zero_var_frac": 0.25}
     assert experiment.teacher_signal(row, "luffy") == 12  # 4 groups whose 7 samples all succeeded
     assert experiment.teacher_signal(row, "hapo") == 16 and experiment.teacher_signal(row, "srft") == 16
