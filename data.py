@@ -1,8 +1,8 @@
 """Problems with a gold answer and a teacher solution, from files, the hub or the built-in task.
 
 `load_problems(spec)` reads one of:
-  - `builtin`, or `builtin:OPTS` with comma-separated OPTS among `verbose`, `wordy`, `easy=F`,
-    `digits=N`, `n_train=N`, `n_eval=N`, `seed=N` (the addition task of task.py; split "train" or "eval");
+  - `builtin`, or `builtin:OPTS`, OPTS comma-separated: a teacher style of task.TEACHERS, `easy=F`,
+    `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N` (task.py's task; split "train" or "eval");
   - a `.jsonl` or `.parquet` file;
   - a hub data set id `owner/name` (needs the `datasets` package).
 
