@@ -50,36 +50,54 @@ def finished(path, steps):
     return bool(rows) and rows[-1]["step"] >= steps and "eval/accuracy" in rows[-1]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # each child process on one core
+
+
+def pool(todo, jobs, start, error, tick=None, wait=2.0):
+    """Run the items of `todo`, `jobs` at a time: start(item) returns its Popen, tick(running) is
+    called after each wait (progress), and a child that fails ends the experiment with error(item, proc)."""
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            item = todo.pop(0)
+            running.append((item, start(item)))
+        time.sleep(wait)
+        if tick:
+            tick(running)
+        for item, proc in [r for r in running if r[1].poll() is not None]:
+            running.remove((item, proc))
+            if proc.returncode != 0:
+                sys.exit(error(item, proc))
+
+
 def run_all(args):
     """Launch the runs that are not finished yet, `--jobs` at a time, with a progress line."""
     from tqdm import tqdm
     todo = [(m, s) for s in range(args.seeds) for m in args.methods if not finished(run_dir(args.out, m, s), args.steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running, bar = [], tqdm(total=len(todo) * args.steps, desc="experiment", unit="step", dynamic_ncols=True)
-    done_steps = {}
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            m, s = todo.pop(0)
-            path = run_dir(args.out, m, s)
-            os.makedirs(path, exist_ok=True)
-            resume = ["--resume"] if os.path.exists(os.path.join(path, "latest")) else []
-            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", m, "--seed", str(s),
-                   "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--out_dir", path,
-                   "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args]
-            log = open(os.path.join(path, "train.log"), "a")
-            running.append(((m, s), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        time.sleep(2)
-        for key, proc in list(running):
+    bar, done_steps = tqdm(total=len(todo) * args.steps, desc="experiment", unit="step", dynamic_ncols=True), {}
+
+    def start(key):
+        m, s = key
+        path = run_dir(args.out, m, s)
+        os.makedirs(path, exist_ok=True)
+        resume = ["--resume"] if os.path.exists(os.path.join(path, "latest")) else []
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", m, "--seed", str(s),
+               "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--out_dir", path,
+               "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args]
+        with open(os.path.join(path, "train.log"), "a") as log:  # the child keeps its own copy of the handle
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+    def tick(running):
+        for key, _ in running:
             rows = read_metrics(run_dir(args.out, *key))
             step = rows[-1]["step"] if rows else 0
             bar.update(step - done_steps.get(key, 0))
             done_steps[key] = step
-            if proc.poll() is not None:
-                running.remove((key, proc))
-                if proc.returncode != 0:
-                    sys.exit(f"experiment.py: error: {key[0]} seed {key[1]} failed (exit {proc.returncode}); "
-                             f"see {run_dir(args.out, *key)}/train.log")
         bar.set_postfix_str(" ".join(f"{m}/s{s}" for (m, s), _ in running))
+
+    pool(todo, args.jobs, start, tick=tick,
+         error=lambda key, proc: f"experiment.py: error: {key[0]} seed {key[1]} failed (exit {proc.returncode}); "
+                                 f"see {run_dir(args.out, *key)}/train.log")
     bar.close()
 
 
@@ -99,17 +117,9 @@ def run_part_evals(args):
                     todo.append([sys.executable, os.path.join(ROOT, "eval.py"), "--model", path, "--benchmarks", spec,
                                  "--out_dir", where, "--max_new_tokens", str(train_flag(args, "max_new_tokens", 64)),
                                  "--temperature", "0.6", "--k", "1", "--rollout", "hf"])  # train.py's held-out protocol
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            cmd = todo.pop(0)
-            running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True))
-        time.sleep(1)
-        for proc in [p for p in running if p.poll() is not None]:
-            running.remove(proc)
-            if proc.returncode != 0:
-                sys.exit(f"experiment.py: error: eval.py failed: {proc.stderr.read().strip()[-400:]}")
+    pool(todo, args.jobs, wait=1.0,
+         start=lambda cmd: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD, text=True),
+         error=lambda cmd, proc: f"experiment.py: error: eval.py failed: {proc.stderr.read().strip()[-400:]}")
 
 
 def parse_parts(items):
