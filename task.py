@@ -59,6 +59,7 @@ def solve(a: int, b: int, teacher: str = "standard") -> str:
         running = str(a % low + b % low).zfill(k + 1)  # the k+1 lowest columns, carry included
         lines.append(f"{x}+{y}{'+1' if carry else ''}={s} {running}")
         carry = s // 10
+    recap = [f"so {a}+{b}={a + b}", f"and {b}+{a}={a + b}", f"so the answer is {a + b}"]  # tail's and recap's
     if teacher == "verbose":
         # Same arithmetic, needlessly long: a restatement, every line checked, a closing summary.
         lines = [f"We add {a} and {b} column by column."] + \
@@ -67,12 +68,11 @@ def solve(a: int, b: int, teacher: str = "standard") -> str:
     elif teacher == "tail":
         # The policy's own column lines, word for word, then a restatement before the box: the
         # missing step is shown exactly where the policy writes it, and the rest is only longer.
-        lines = lines + [f"so {a}+{b}={a + b}", f"and {b}+{a}={a + b}", f"so the answer is {a + b}"]
+        lines = lines + recap
     elif teacher == "recap":
         # The standard solution, box included, then a recap after the answer: exactly what the policy
         # would need to write to succeed, followed by text that changes nothing but the length.
-        return "\n".join(lines + [f"\\boxed{{{a + b}}}", f"so {a}+{b}={a + b}", f"and {b}+{a}={a + b}",
-                                  f"so the answer is {a + b}"])
+        return "\n".join(lines + [f"\\boxed{{{a + b}}}"] + recap)
     elif teacher == "wordy":
         # The policy's own column lines, untouched and in one block, between a restatement and a
         # summary: longer for nothing, without changing the procedure the policy runs.
@@ -150,7 +150,8 @@ def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: in
         evaluation += held[:n_ev]
         train += draw(n_tr, {p for a, b in held for p in ((a, b), (b, a))})
     if 0.0 < easy < 1.0:  # interleave the kinds, so any prefix of either split is a mix
-        random.Random(seed).shuffle(train), random.Random(seed + 1).shuffle(evaluation)
+        random.Random(seed).shuffle(train)
+        random.Random(seed + 1).shuffle(evaluation)
     return train, evaluation
 
 
