@@ -116,8 +116,9 @@ def wrap(model, d: Dist, grad_checkpointing=False) -> Policy:
     """The trained policy: the model on the device, recomputing activations in the backward pass if
     asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun."""
     model.to(d.device)
-    if grad_checkpointing:
-        model.activation_checkpointing_enable()
+    if grad_checkpointing:  # transformers 5.24 renamed the method (the old name warns); vLLM 0.32 pins <5.20
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     policy = Policy(model)
     if d.world > 1:
         shard(policy, d)
