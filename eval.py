@@ -24,8 +24,8 @@ import sys
 import torch
 
 from data import DataError
-from evaluation import default_k, drop_long_prompts, evaluate, load_benchmarks, summarize
-from models import load_model, resolve_model
+from evaluation import default_k, drop_long_prompts, encode_prompts, evaluate, load_benchmarks, summarize
+from models import check_positions, load_config, load_model, position_overrides, resolve_model
 from reward import CHECKERS, check_checker
 
 # ----------------------------------------------------------------------------
@@ -91,10 +91,14 @@ def parse_args(argv=None):
     p.add_argument("--checker", default="hapo", choices=CHECKERS,
                    help="answer checker: reward.py's own, or math-verify's (as published tables were scored)")
     p.add_argument("--gpu_memory", type=float, default=0.85, help="fraction of GPU memory vLLM may take")
+    p.add_argument("--max_positions", type=int, default=0, help=">0: override the model's max_position_embeddings")
+    p.add_argument("--rope_theta", type=float, default=0.0, help=">0: override the model's RoPE base")
     args = p.parse_args(argv)
     if (args.k is not None and args.k < 1) or (args.limit is not None and args.limit < 1) or \
             min(args.max_new_tokens, args.batch_prompts, args.max_prompt_tokens) < 1:
         p.error("--k, --limit, --max_new_tokens, --batch_prompts and --max_prompt_tokens must be at least 1")
+    if args.max_positions < 0 or args.rope_theta < 0:
+        p.error("--max_positions and --rope_theta must be >= 0")
     try:
         check_checker(args.checker)
     except (ValueError, ImportError) as e:
@@ -111,7 +115,9 @@ def main(argv=None):
         kind, why = resolve_engine(args.rollout)
         model_path = resolve_model(args.model)
         benchmarks = load_benchmarks(args.benchmarks)
-        model, tok = load_model(model_path, need_weights=kind != "vllm")
+        positions = dict(rope_theta=args.rope_theta, max_positions=args.max_positions)
+        config = load_config(model_path, **positions)
+        model, tok = load_model(model_path, need_weights=kind != "vllm", **positions)
     except (DataError, ImportError) as err:
         fail(str(err))
     dropped = {}
@@ -120,19 +126,28 @@ def main(argv=None):
         if dropped[name]:
             print(f"eval.py: warning: {name}: {dropped[name]} problem(s) with prompts over --max_prompt_tokens "
                   f"{args.max_prompt_tokens} left out", file=sys.stderr)
+    # the longest sequence, from the prompts kept (as train.py does): vLLM's max_model_len too
+    prompt_len = max((len(ids) for ps in benchmarks.values() for ids in encode_prompts(tok, ps[:args.limit])),
+                     default=0)
+    try:
+        check_positions(config, {f"the longest prompt, {prompt_len}, + --max_new_tokens {args.max_new_tokens}":
+                                 prompt_len + args.max_new_tokens})
+    except DataError as err:
+        fail(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
     check_settings(args.out_dir, {"model": args.model if args.model == "tiny" else model_path,
                                   "temperature": args.temperature, "top_p": args.top_p,
                                   "max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens,
-                                  "checker": args.checker})
+                                  "checker": args.checker, **{k: v for k, v in positions.items() if v}})
     print(f"rollout engine: {kind} ({why})")
     use_vllm = kind == "vllm"
     if model is not None and torch.cuda.is_available() and not use_vllm:
         model.to("cuda")
     try:
         engine = make_engine(args.rollout, model, tok, model_path, max_batch=64, seed=args.seed,
-                             gpu_memory_utilization=args.gpu_memory)
-    except ImportError as e:  # --rollout vllm without vllm
+                             gpu_memory_utilization=args.gpu_memory, max_model_len=prompt_len + args.max_new_tokens,
+                             hf_overrides=position_overrides(config, args.rope_theta, args.max_positions))
+    except (ImportError, ValueError) as e:  # --rollout vllm without vllm, or vLLM's own refusal
         fail(str(e))
 
     # Resume: keep every finished problem's records, rewrite the file without the rest, append.

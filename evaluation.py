@@ -61,9 +61,7 @@ def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8
     that does not, which exact resume relies on.
     """
     from tqdm import tqdm
-    # add_special_tokens=False: a chat template writes its special tokens as text; no stray BOS.
-    prompt_ids = [tokenizer(data.render_prompt(tokenizer, p.prompt), add_special_tokens=False)
-                  ["input_ids"] for p in problems]
+    prompt_ids = encode_prompts(tokenizer, problems)
     records = []
     bar = tqdm(total=len(problems), unit="problem", disable=not progress or not problems,
                desc=(problems[0].source if problems else "") or "eval", dynamic_ncols=True)
@@ -73,7 +71,9 @@ def evaluate(engine, tokenizer, problems, k=1, temperature=0.6, max_new_tokens=8
         for start in range(0, len(problems), batch_prompts):
             chunk = range(start, min(start + batch_prompts, len(problems)))
             completions = engine.generate([prompt_ids[i] for i in chunk], k, max_new_tokens, temperature, top_p,
-                                          seed=seed * 65537 + start)  # len(chunk) * k, grouped by prompt
+                                          seed=seed * 65537 + start * k)  # len(chunk) * k, grouped by prompt
+            # (VLLMEngine seeds sample j of the chunk's prompt c seed + c * k + j: start * k keeps the chunks'
+            # streams apart, one per sample of the whole evaluation)
             texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
             for c, i in enumerate(chunk):
                 group = [{"benchmark": problems[i].source, "problem_id": i, "sample": j,
@@ -122,8 +122,14 @@ def load_benchmarks(paths: list[str]) -> dict[str, list[data.Problem]]:
 
 
 
+def encode_prompts(tokenizer, problems) -> list[list[int]]:
+    """The token ids of each problem's rendered prompt, as the engines get them."""
+    # add_special_tokens=False: a chat template writes its special tokens as text; no stray BOS.
+    return [tokenizer(data.render_prompt(tokenizer, p.prompt), add_special_tokens=False)["input_ids"]
+            for p in problems]
+
+
 def drop_long_prompts(tokenizer, problems, limit):
     """(problems whose rendered prompt is at most `limit` tokens, how many were left out)."""
-    kept = [p for p in problems if len(tokenizer(data.render_prompt(tokenizer, p.prompt),
-                                                 add_special_tokens=False)["input_ids"]) <= limit]
+    kept = [p for p, ids in zip(problems, encode_prompts(tokenizer, problems)) if len(ids) <= limit]
     return kept, len(problems) - len(kept)

@@ -35,19 +35,61 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementation=None):
+def position_overrides(config, rope_theta=None, max_positions=None) -> dict:
+    """The config fields that --rope_theta and --max_positions change, as one dict: the trainer's config
+    takes it at load (load_model) and vLLM the same dict as `hf_overrides`, so both run the same
+    positions. transformers 5 keeps theta inside `rope_parameters` (a `rope_theta=` keyword to
+    from_pretrained is silently dropped), and vLLM standardises that dict after its overrides."""
+    out = {"max_position_embeddings": int(max_positions)} if max_positions else {}
+    if rope_theta:
+        out["rope_parameters"] = {**(getattr(config, "rope_parameters", None) or {}), "rope_theta": float(rope_theta)}
+    return out
+
+
+def load_config(path: str, rope_theta=None, max_positions=None):
+    """The model's config with the position overrides applied. Raises DataError (one line)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways
+        raise _cannot_load(path, err) from None
+    config.update(position_overrides(config, rope_theta, max_positions))
+    return config
+
+
+def check_positions(config, need: dict) -> None:
+    """Refuse, in one DataError line, a run whose longest sequence (the largest of `need`, {what: tokens})
+    is longer than the model's positions: past them a RoPE model still computes, silently out of what
+    it was trained on, and vLLM would cut the rollouts there."""
+    have = getattr(config, "max_position_embeddings", None)
+    what, longest = max(need.items(), key=lambda kv: kv[1])
+    if have is not None and longest > have:
+        raise DataError(f"the model has {have} positions (max_position_embeddings) but this run makes sequences "
+                        f"of {longest} tokens ({what}): use a copy of the model with more positions (LUFFY trains "
+                        f"Qwen2.5-Math-7B as one with rope_theta 40,000 and 16,384 positions) or pass --max_positions "
+                        f"{longest} or more (and --rope_theta, e.g. 40000), which the trainer and vLLM both apply")
+
+
+def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementation=None, rope_theta=None,
+               max_positions=None):
     """(model or None, tokenizer) from resolve_model's answer. Weights are skipped when vLLM loads its
     own; the default dtype is bf16 on a GPU and fp32 on a CPU; attn_implementation (sdpa, eager,
-    flash_attention_2) defaults to transformers' choice. Raises DataError (one line)."""
+    flash_attention_2) defaults to transformers' choice; rope_theta and max_positions override the
+    config (position_overrides). Raises DataError (one line)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    config = load_config(path, rope_theta, max_positions) if need_weights else None
     try:
         tok = AutoTokenizer.from_pretrained(path)
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw) if need_weights else None
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw) if need_weights else None
     except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways (SafetensorError, ...)
-        where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
-        raise DataError(f"could not load model '{path}'{where}: {one_line(err)}") from None
+        raise _cannot_load(path, err) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _cannot_load(path, err) -> DataError:
+    where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
+    return DataError(f"could not load model '{path}'{where}: {one_line(err)}")

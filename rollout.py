@@ -13,7 +13,9 @@ Two engines keep one contract, so train.py and eval.py never branch on the backe
   After every optimizer step the trainer pushes its weights in with `weights_for_sync`.
 
 A completion is the list of generated token ids, cut after the first EOS (EOS kept, as in the teacher
-trajectories SSI injects) or exactly `max_new_tokens` long if the model never stopped. With
+trajectories SSI injects), or cut for length without one: `max_new_tokens` long, or shorter where vLLM's
+`max_model_len` ended it first. So a completion is truncated exactly when it does not end in EOS
+(`truncated`; VLLMEngine checks that vLLM's finish reason says the same). With
 `logprobs=True`, logprobs[i][t] is log p(completions[i][t]) under the distribution the token was drawn
 from: after temperature and top-p, renormalised (at temperature 0, the plain softmax of the logits).
 """
@@ -118,7 +120,10 @@ class HFEngine:
         """len(prompts) * n completions, grouped by prompt (prompt 0's n samples first). Each is the list of
         generated token ids, cut after the first EOS (the EOS kept), or max_new_tokens long if none was
         produced. No pad ids inside. Random draws come from the global torch RNG only, which checkpoints
-        carry (so `seed`, VLLMEngine's per-prompt seed, is not needed here and is ignored).
+        carry (so `seed`, VLLMEngine's per-sample seeds, is not needed here and is ignored). That one
+        stream is still one per sample in effect: each decoding step draws every row with one batched
+        multinomial, which takes fresh numbers from the stream for each row, so no two samples share a
+        draw (vLLM needs seeds per sample because each seeded sample gets its own generator).
         With logprobs=True, returns (completions, logprobs): logprobs[i] holds one float per token of
         completions[i], from the processed scores generate() sampled from (log_softmax after temperature
         and top-p), so they equal the trainer's recomputed log-probs of the same distribution."""
@@ -180,6 +185,11 @@ class HFEngine:
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         pass
+
+
+def truncated(completion: list[int], eos_id: int) -> bool:
+    """A completion cut for length, not ended by the model: no EOS at its end (either engine, either limit)."""
+    return not completion or completion[-1] != eos_id
 
 
 # -----------------------------------------------------------------------------

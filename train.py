@@ -88,6 +88,8 @@ class Config:
     vllm_sleep: bool = False  # put vLLM to sleep (level 1) during the training step
     tensor_parallel: int = 1  # vLLM tensor parallel size under torchrun
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory)
+    max_positions: int = 0  # >0: override the model's max_position_embeddings (trainer and vLLM alike)
+    rope_theta: float = 0.0  # >0: override the model's RoPE base (LUFFY's 16k Qwen2.5-Math-7B: 40000)
     chunk_size: int = 1024  # positions per chunk of full-vocabulary logits
     attn: str = "sdpa"  # attention: sdpa | eager | flash_attention_2/3 (their varlen kernels make --pack pay off)
     progress: bool = True  # tqdm bar
@@ -120,6 +122,7 @@ def problems_with(cfg, world):
                "--clip_eps and --shaping_gamma must be > 0, --entropy_coef >= 0, --is_cap >= 1"),
               (min(cfg.max_new_tokens, cfg.max_prompt_tokens, cfg.max_solution_tokens, cfg.chunk_size) >= 1,
                "--max_new_tokens, --max_prompt_tokens, --max_solution_tokens and --chunk_size must be >= 1"),
+              (cfg.max_positions >= 0 and cfg.rope_theta >= 0, "--max_positions and --rope_theta must be >= 0"),
               (cfg.temperature > 0, "--temperature must be > 0 (the trainer's log-probs are of logits / T)"),
               (cfg.eval_temperature >= 0, "--eval_temperature must be >= 0 (0: greedy)"),
               (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval_every and --save_every must be >= 1"),
@@ -188,9 +191,9 @@ def main(argv=None):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
-    from evaluation import evaluate
-    from models import load_model, resolve_model
-    from rollout import make_engine, resolve_engine
+    from evaluation import encode_prompts, evaluate
+    from models import check_positions, load_model, position_overrides, resolve_model
+    from rollout import make_engine, resolve_engine, truncated
 
     lock, error = None, None
     if dist.master:  # rank 0 owns the out_dir; every rank learns whether it may start
@@ -204,7 +207,8 @@ def main(argv=None):
     random.seed(cfg.seed + dist.rank)
     np.random.seed(cfg.seed + dist.rank)
     try:
-        load = lambda path: load_model(path, dtype=torch.float32, attn_implementation=cfg.attn)
+        load = lambda path: load_model(path, dtype=torch.float32, attn_implementation=cfg.attn,
+                                       rope_theta=cfg.rope_theta, max_positions=cfg.max_positions)
         if cfg.resume:
             start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist)
             check_resume(cfg, state["config"], start_dir, dist)
@@ -214,6 +218,13 @@ def main(argv=None):
         score = lambda completion, answer: reward(completion, answer, cfg.checker)
         problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
                                                               cfg.max_solution_tokens, cfg.eval_problems, score)
+        # the longest sequences of the run, from the data kept, not from the flags (the built-in model's 512
+        # positions are fewer than the default 1,024 + 64); vLLM's max_model_len is the rollouts' longest
+        prompt_len = max(len(ids) for ids in [p.prompt_ids for p in problems] + encode_prompts(tok, held))
+        rollout_len = prompt_len + cfg.max_new_tokens
+        check_positions(model.config, {
+            f"the longest prompt, {prompt_len}, + --max_new_tokens {cfg.max_new_tokens}": rollout_len,
+            "the longest prompt and teacher solution": max(len(p.prompt_ids) + len(p.solution_ids) for p in problems)})
         kind, why = resolve_engine(cfg.rollout)
     except (DataError, ImportError, CheckpointError) as e:
         fail(str(e), dist)
@@ -227,7 +238,9 @@ def main(argv=None):
     try:  # a vLLM outside the supported range, or --vllm_sleep on vLLM's CPU build: one line
         engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
                              gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
-                             tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world)
+                             tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world,
+                             max_model_len=rollout_len,
+                             hf_overrides=position_overrides(model.config, cfg.rope_theta, cfg.max_positions))
     except (ImportError, ValueError) as e:
         fail(str(e), dist)
     # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
@@ -235,7 +248,8 @@ def main(argv=None):
     tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
     dp_rank, dp_world, n = dist.rank // tp, dist.world // tp, hapo.rollouts_per_group(cfg.method, cfg.group_size)
     policy = parallel.wrap(model, dist, cfg.grad_checkpointing)  # on the device; FSDP2-sharded under torchrun
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=dist.device.type == "cuda")  # one kernel, no per-parameter temporaries
     step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
     if state:
         checkpoint.load_state(state, model, opt, dist)
@@ -276,7 +290,7 @@ def main(argv=None):
             cursor += cfg.batch_prompts
             completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
                                                  cfg.temperature, logprobs=True,  # and the sampler's log-probs
-                                                 seed=((cfg.seed * 1000003 + step) * 1009 + dp_rank) * 4096)
+                                                 seed=((cfg.seed * 1000003 + step) * 1009 + dp_rank) * len(idx) * n)
             if cfg.vllm_sleep:
                 engine.sleep()  # level 1: vLLM hands its memory back to the trainer
             mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
@@ -285,7 +299,7 @@ def main(argv=None):
             groups = []
             for i, resp, lp in mine:
                 texts = tok.batch_decode(resp, skip_special_tokens=True)
-                cut = [len(r) >= cfg.max_new_tokens and r[-1] != tok.eos_token_id for r in resp]  # no EOS in time
+                cut = [truncated(r, tok.eos_token_id) for r in resp]  # no EOS: max_new_tokens or vLLM's max_model_len
                 groups.append(hapo.Group(problems[i].prompt_ids, resp, [score(t, problems[i].answer) for t in texts],
                                          problems[i].solution_ids, teacher_ok[i], truncated=cut, sampler_logp=lp))
             # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)

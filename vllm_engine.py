@@ -146,7 +146,17 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str | None = None, gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool = False,
-                 tensor_parallel_size: int = 1, rank: int = 0, world_size: int = 1, **llm_kwargs):
+                 tensor_parallel_size: int = 1, rank: int = 0, world_size: int = 1, hf_overrides: dict | None = None,
+                 **llm_kwargs):
+        if max_model_len is not None:  # before vLLM starts: its own refusal is a page of pydantic
+            from data import DataError
+            from models import check_positions, load_config
+            config = load_config(model_path)
+            config.update(hf_overrides or {})
+            try:
+                check_positions(config, {f"max_model_len {max_model_len}": max_model_len})
+            except DataError as e:  # one line, as make_engine's callers expect of a ValueError
+                raise ValueError(str(e)) from None
         # Set before importing vllm: some versions read it at import time.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import vllm  # lazy: vLLM is optional and heavy
@@ -174,6 +184,7 @@ class VLLMEngine:
             generation_config="vllm",
             enable_prefix_caching=True,  # the N samples of a prompt share its KV blocks
             logprobs_mode="processed_logprobs",
+            hf_overrides=hf_overrides or {},  # --rope_theta / --max_positions, as the trainer's config has them
             **llm_kwargs,
         )
         self.dtype = self.llm.llm_engine.model_config.dtype  # what sync_weights pushes (torch.bfloat16, ...)
@@ -181,9 +192,14 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0, logprobs: bool = False, seed: int | None = None):
         """Same contract as HFEngine.generate; logprobs are vLLM's own (processed_logprobs mode). With a
-        seed, prompt i draws from its own generator seeded seed + i, so a resumed run, which passes the
-        same seeds, resamples what an uninterrupted one did (vLLM's engine-wide generator is not in any
-        checkpoint); without one, draws come from that engine-wide generator."""
+        seed, every sample draws from its own generator: vLLM seeds the j-th of a request's n samples
+        seed + j (vllm/v1/engine/parallel_sampling.py, ParentRequest._get_child_sampling_params), so
+        prompt i's request gets seed + i * n and sample (i, j) the stream seed + i * n + j, one per
+        sample (seed + i would give prompt i's sample j+1 the stream of prompt i+1's sample j). A
+        resumed run, which passes the same seeds, resamples what an uninterrupted one did (vLLM's
+        engine-wide generator is not in any checkpoint); without a seed, draws come from that one.
+        A sample ends in EOS (finish reason "stop") or was cut for length ("length": max_new_tokens,
+        or the engine's max_model_len): rollout.truncated tells the two apart by the EOS."""
         self.wake_up()
         params = lambda i: self._vllm.SamplingParams(
             n=n,
@@ -198,7 +214,7 @@ class VLLMEngine:
             min_tokens=0,
             stop_token_ids=[self.eos_id],  # the tokenizer's EOS, the one HFEngine stops on
             ignore_eos=False,
-            seed=None if seed is None else (seed + i) % 2**63,
+            seed=None if seed is None else (seed + i * n) % 2**63,
             logprobs=0 if logprobs else None,  # 0: the sampled token's log-prob only
             detokenize=False,  # we only need token ids
         )
@@ -208,8 +224,9 @@ class VLLMEngine:
         for request in outputs:  # LLM.generate returns requests in prompt order
             for sample in sorted(request.outputs, key=lambda s: s.index):
                 ids = cut_at_eos([int(t) for t in sample.token_ids], self.eos_id)
-                if sample.finish_reason == "stop" and (not ids or ids[-1] != self.eos_id):
-                    raise RuntimeError("vLLM stopped on EOS without returning it; rollout.py expects it kept")
+                if (sample.finish_reason == "stop") != bool(ids and ids[-1] == self.eos_id):  # the contract
+                    raise RuntimeError(f"vLLM finished a sample for {sample.finish_reason!r} with its last token "
+                                       f"{ids[-1:]}: rollout.py expects EOS kept on 'stop', and no EOS on 'length'")
                 completions.append(ids)
                 if logprobs:  # one {token id: Logprob} per generated position
                     token_logprobs.append([float(pos[t].logprob) for t, pos in zip(ids, sample.logprobs)])

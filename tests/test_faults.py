@@ -290,7 +290,8 @@ def test_eval_leaves_out_an_oversized_prompt_and_says_so(tmp_path, capsys):
     old = rollout.make_engine
     rollout.make_engine = lambda kind, model, tok, path, **kw: Recording(tok)
     try:
-        summary = eval.main(["--model", "tiny", "--benchmarks", str(bench), "--k", "1", "--out_dir", str(tmp_path / "o")])
+        summary = eval.main(["--model", "tiny", "--benchmarks", str(bench), "--k", "1", "--max_new_tokens", "8",
+                             "--out_dir", str(tmp_path / "o")])
     finally:
         rollout.make_engine = old
     assert summary["b"]["n_problems"] == 2 and summary["b"]["dropped_long_prompt"] == 1

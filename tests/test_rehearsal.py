@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import TRAIN_SMALL, metrics, tiny_qwen2
+from tests.test_vllm import _greedy_and_gap, _prompts, hf_greedy, needs_vllm, vllm_test_engine, vllm_test_model
 
 # ----------------------------------------------------------------------------
 # item 1: --grad_checkpointing with both transformers versions
@@ -40,3 +41,172 @@ def test_grad_checkpointing_is_on_after_wrap():
     layers = model.model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
+
+
+# ----------------------------------------------------------------------------
+# item 2: positions. A run whose sequences outgrow the model's positions stops in one line (with either
+# engine); --max_positions and --rope_theta reach the trainer and vLLM alike; a cut completion is truncated
+
+
+def _one_line_exit(capsys, main, argv, prefix):
+    """main(argv) exits 2 with one stderr line starting with prefix: that line."""
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(prefix), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_too_few_positions_refused_in_one_line_hf(tmp_path, capsys):
+    """The built-in model has 512 positions: 600 new tokens after its prompts do not fit, with the HF engine
+    too (which would go on computing past them), in train.py and in eval.py (its default 8,192 new tokens)."""
+    import eval
+    import train
+    line = _one_line_exit(capsys, train.main, TRAIN_SMALL + ["--max_new_tokens", "600", "--max_steps", "1",
+                                                              "--out_dir", str(tmp_path / "t")], "train.py: error: ")
+    assert "has 512 positions" in line and "+ --max_new_tokens 600" in line
+    assert "rope_theta 40,000 and 16,384 positions" in line and "--max_positions" in line and "--rope_theta" in line
+    line = _one_line_exit(capsys, eval.main, ["--model", "tiny", "--benchmarks", "builtin", "--limit", "2",
+                                              "--rollout", "hf", "--out_dir", str(tmp_path / "e")], "eval.py: error: ")
+    assert "has 512 positions" in line and "+ --max_new_tokens 8192" in line and "--max_positions" in line
+
+
+def test_position_overrides_reach_the_trainers_model():
+    """--max_positions and --rope_theta change the loaded model (RoPE's frequencies), not only its config:
+    transformers 5 drops a plain rope_theta= keyword to from_pretrained without a word."""
+    import tiny
+    from models import check_positions, load_model, position_overrides
+    from data import DataError
+    plain, _ = load_model(tiny.SHIPPED, dtype=torch.float32)
+    model, _ = load_model(tiny.SHIPPED, dtype=torch.float32, rope_theta=40000, max_positions=1024)
+    assert model.config.max_position_embeddings == 1024 and model.config.rope_parameters["rope_theta"] == 40000
+    inv_freq = model.model.rotary_emb.inv_freq  # [head_dim / 2]
+    d = 2 * len(inv_freq)
+    assert torch.allclose(inv_freq, 40000.0 ** (-torch.arange(0, d, 2).float() / d))
+    assert not torch.allclose(inv_freq, plain.model.rotary_emb.inv_freq)
+    check_positions(model.config, {"long": 1024})
+    with pytest.raises(DataError):
+        check_positions(plain.config, {"long": 1024})
+    assert position_overrides(plain.config) == {}  # no flag, nothing changed (vLLM gets {})
+
+
+def test_a_completion_without_eos_is_truncated_whatever_its_length():
+    """vLLM ends a sample at max_model_len as it does at max_new_tokens (finish reason "length"), shorter than
+    max_new_tokens: train.py used to count only completions of max_new_tokens tokens."""
+    from rollout import truncated
+    assert truncated([5, 6, 7], eos_id=3) and truncated([], eos_id=3)  # cut, at any length
+    assert not truncated([5, 3], eos_id=3) and not truncated([3], eos_id=3)
+
+
+# ----------------------------------------------------------------------------
+# item 3: one random stream per sample
+
+
+def test_vllm_seeds_one_stream_per_sample():
+    """VLLMEngine's request seeds, expanded into per-sample seeds by the rule vLLM applies to a request of n
+    samples (seed + j, vllm/v1/engine/parallel_sampling.py; test_vllm_seeds_expand_as_vllm_does checks it
+    on vLLM's own code): M x N distinct streams, in one call and over evaluate()'s chunks of problems."""
+    from types import SimpleNamespace
+    import data
+    import task
+    import tiny
+    from evaluation import evaluate
+    from rollout import VLLMEngine
+    seeds = []
+
+    class LLM:  # what VLLMEngine.generate calls, recording the seed of every sample vLLM would draw
+        def generate(self, prompts, params, use_tqdm):
+            seeds.extend(p.seed + j for p in params for j in range(p.n))
+            return [SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=[5, 3], finish_reason="stop")
+                                             for j in range(p.n)]) for p in params]
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM: SamplingParams as a plain record
+    engine._vllm, engine.llm = SimpleNamespace(SamplingParams=SimpleNamespace), LLM()
+    engine.eos_id, engine.asleep = 3, set()
+    engine.generate([[1, 2]] * 16, 8, 4, 1.0, seed=123)  # M = 16 prompts, N = 8 samples
+    assert len(set(seeds)) == len(seeds) == 128
+    seeds.clear()
+    problems = data.load_problems(task.BUILTIN, "eval", need_solution=False)[0][:10]
+    evaluate(engine, tiny.make_tokenizer(), problems, k=4, batch_prompts=3, seed=5)  # 4 chunks
+    assert len(set(seeds)) == len(seeds) == 40
+
+
+# ----------------------------------------------------------------------------
+# items 2 and 3 on vLLM itself (its CPU build in CI): one engine for all, on a model of 64 positions that
+# --max_positions 256 and --rope_theta 40000 stretch
+
+
+@needs_vllm
+def test_vllm_seeds_expand_as_vllm_does():
+    """The rule test_vllm_seeds_one_stream_per_sample assumes, read off vLLM's own code: the j-th of a
+    request's n samples is seeded seed + j."""
+    from types import SimpleNamespace
+    import vllm
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+    params = vllm.SamplingParams(n=4, seed=100, max_tokens=4)
+    parent = ParentRequest(SimpleNamespace(request_id="r", external_req_id="r", params=params))
+    assert [parent.get_child_info(j)[1].seed for j in range(4)] == [100, 101, 102, 103]
+
+
+@needs_vllm
+def test_vllm_too_few_positions_refused_in_one_line(tmp_path, capsys):
+    """Before vLLM starts (its own refusal is a page): VLLMEngine itself, and train.py with --rollout vllm."""
+    import train
+    from rollout import VLLMEngine
+    _, tok = vllm_test_model(tmp_path, tie=True, max_positions=64)
+    with pytest.raises(ValueError) as e:
+        VLLMEngine(str(tmp_path), tok, max_model_len=100)
+    assert "\n" not in str(e.value) and "has 64 positions" in str(e.value) and "max_model_len 100" in str(e.value)
+    line = _one_line_exit(capsys, train.main, [a for a in TRAIN_SMALL if a not in ("--rollout", "hf")] + [
+        "--rollout", "vllm", "--model", str(tmp_path), "--max_new_tokens", "100", "--out_dir", str(tmp_path / "o")],
+        "train.py: error: ")
+    assert "has 64 positions" in line and "+ --max_new_tokens 100" in line and "--max_positions" in line
+
+
+@pytest.fixture(scope="module")
+def stretched(tmp_path_factory):
+    """(engine, trainer, plain, tok): vLLM and the trainer's model with the same position overrides, built
+    through the project's own functions, and the model as saved (64 positions, rope_theta 10000)."""
+    from models import load_config, load_model, position_overrides
+    path = tmp_path_factory.mktemp("positions")
+    plain, tok = vllm_test_model(path, tie=True, max_positions=64)
+    overrides = position_overrides(load_config(str(path)), rope_theta=40000, max_positions=256)
+    engine = vllm_test_engine(path, tok, max_model_len=100, hf_overrides=overrides)
+    trainer, _ = load_model(str(path), dtype=torch.float32, rope_theta=40000, max_positions=256)
+    return engine, trainer, plain, tok
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_position_overrides_equal_the_trainers(stretched):
+    """Prompts past the saved 64 positions: vLLM decodes what the trainer's model does and reports its
+    log-probs, so rope_theta reached both (the saved model, theta 10000, decodes otherwise)."""
+    engine, trainer, plain, tok = stretched
+    prompts = _prompts(8, seed=21, lo=70, hi=80)
+    agree, gap, want = _greedy_and_gap(engine, trainer, prompts, tok.eos_token_id)
+    assert agree == 8 and gap < 1e-4, (agree, gap)
+    assert hf_greedy(plain, prompts, 12, tok.eos_token_id) != want  # the check has teeth
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_cut_at_max_model_len_is_truncated(stretched):
+    """A 90-token prompt asking for 40 new tokens under max_model_len 100: vLLM stops after 10 (finish
+    reason "length"), and that completion counts as truncated, though shorter than max_new_tokens."""
+    from rollout import truncated
+    engine, _, _, tok = stretched
+    prompts = _prompts(4, seed=22, lo=90, hi=91)
+    got = engine.generate(prompts, 1, 40, 0.0)
+    cut = [c for c in got if tok.eos_token_id not in c]
+    assert cut and all(len(c) == 10 and truncated(c, tok.eos_token_id) for c in cut), got
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_samples_of_equal_prompts_all_differ(stretched):
+    """Four copies of one prompt, four samples each, one seed: sixteen different completions. With the
+    seed + i per prompt of before, prompt i's sample j+1 repeated prompt i+1's sample j (9 of 16 repeats)."""
+    engine, _, _, _ = stretched
+    got = engine.generate(_prompts(1, seed=23) * 4, 4, 12, 1.0, seed=77)
+    assert len({tuple(c) for c in got}) == 16, got
