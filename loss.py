@@ -103,9 +103,11 @@ class _FusedLogprobs(torch.autograd.Function):
                 grad = grad.to(h.dtype)
                 if grad_h is not None:
                     grad_h[i:i + c] = grad @ w
-                if ctx.needs_input_grad[1]:
-                    part = grad.t() @ h  # [V, H]
-                    grad_w = _up(part) if grad_w is None else grad_w.add_(_up(part))
+                if ctx.needs_input_grad[1]:  # summed in fp32; add_ casts each bf16 part as it reads it, so no
+                    if grad_w is None:  # fp32 copy of the [V, H] head is made per chunk (2 GiB for Qwen2.5-7B)
+                        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(h.dtype, torch.float32),
+                                             device=weight.device)
+                    grad_w.add_(grad.t() @ h)  # [V, H]
                 del z, grad  # before the next chunk's blocks exist
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 

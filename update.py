@@ -188,8 +188,8 @@ def optimize(policy, opt, batch, cfg, dist, lr):
         if math.isfinite(loss_total) and bool(torch.isfinite(grad_norm)):
             opt.step()
         else:  # a non-finite loss or gradient would turn every weight into NaN: skip this update
-            opt.zero_grad(set_to_none=True)
             skipped += 1
+        opt.zero_grad(set_to_none=True)  # now, not at the next step: no gradients held through the rollout
     return _metrics(dist, loss_total, float(grad_norm), totals, skipped)
 
 

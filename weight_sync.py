@@ -31,8 +31,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def weights_for_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` for every parameter, in `named_parameters()` order, one full tensor at a time.
+def weights_for_sync(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for every parameter, in `named_parameters()` order, one full tensor at a time,
+    in `dtype` if given (the engine's): an FSDP2 shard is cast before it is gathered, so a bf16 engine's
+    all-gathers move half the bytes of the fp32 master weights.
 
     The order is the same on every rank, which FSDP2 needs: `full_tensor()` is a collective all-gather,
     so all ranks must call it for the same parameter at the same time. Only one gathered parameter is
@@ -50,7 +52,7 @@ def weights_for_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
             if hasattr(param, "full_tensor"):  # FSDP2 DTensor shard
                 if param.device.type == "cpu" and torch.cuda.is_available():
                     param = param.to("cuda")  # FSDP2 CPU offload: NCCL gathers only CUDA tensors
-                tensor = param.full_tensor()
+                tensor = param.to(dtype or param.dtype).full_tensor()  # the local shard cast, then gathered
             else:
-                tensor = param
+                tensor = param.to(dtype or param.dtype)  # no copy when the dtype is already the one asked
         yield name, tensor.detach()

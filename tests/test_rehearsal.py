@@ -5,8 +5,7 @@ whose transformers is the one vLLM pins (<5.20), older than the main environment
 main suite too. Tests that do need vLLM carry test_vllm's `needs_vllm` and share one engine.
 """
 
-import json
-import os
+import dataclasses
 
 import pytest
 import torch
@@ -210,3 +209,87 @@ def test_vllm_samples_of_equal_prompts_all_differ(stretched):
     engine, _, _, _ = stretched
     got = engine.generate(_prompts(1, seed=23) * 4, 4, 12, 1.0, seed=77)
     assert len({tuple(c) for c in got}) == 16, got
+
+
+# ----------------------------------------------------------------------------
+# item 6: memory
+
+
+def test_optimize_frees_the_gradients_before_the_rollout():
+    """After the step no gradient is held (they would sit through the next rollout, a model's worth of
+    fp32 per rank): after a taken step, after a skipped one, and with several mini-batches."""
+    import update
+    from parallel import Dist, Policy
+    from tests.helpers import build_batch
+    from tests.test_equivalence import _toy_groups
+    from tests.test_options import _cfg
+    model = tiny_qwen2(seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
+    broken = dataclasses.replace(batch, advantages=batch.advantages * float("nan"))  # a non-finite loss
+    for b, mini, taken in ((batch, 1, True), (batch, 2, True), (broken, 1, False)):
+        before = [p.detach().clone() for p in model.parameters()]
+        m = update.optimize(Policy(model), opt, b, _cfg(mini_batches=mini), Dist(), lr=1e-3)
+        assert all(p.grad is None for p in model.parameters()), (mini, taken)
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())) == taken
+        assert m["train/skipped_updates"] == (0 if taken else 1)
+
+
+def test_weights_for_sync_casts_each_shard_before_gathering(tmp_path):
+    """weights_for_sync(model, dtype) yields every tensor in dtype; an FSDP2 parameter (a DTensor, here on a
+    one-rank gloo group) is gathered already cast: half the all-gather bytes for a bf16 engine."""
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from weight_sync import weights_for_sync
+    model = tiny_qwen2(seed=4, tie=False)
+    want = {name: p.detach().to(torch.bfloat16) for name, p in model.named_parameters()}
+    got = dict(weights_for_sync(model, torch.bfloat16))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert all(t.dtype == torch.float32 for _, t in weights_for_sync(model))  # no dtype: as trained
+    gathered, full_tensor = [], DTensor.full_tensor
+
+    def spy(self, *a, **kw):
+        gathered.append(self.dtype)
+        return full_tensor(self, *a, **kw)
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert isinstance(model.model.embed_tokens.weight, DTensor)
+        DTensor.full_tensor = spy
+        got = dict(weights_for_sync(model, torch.bfloat16))
+    finally:
+        DTensor.full_tensor = full_tensor
+        tdist.destroy_process_group()
+    assert gathered == [torch.bfloat16] * len(want)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fused_logprobs_backward_makes_no_fp32_copy_of_the_head():
+    """With a bf16 LM head the backward sums each chunk's [V, H] gradient into one fp32 buffer without an
+    fp32 copy of it per chunk (for Qwen2.5-7B's head 2 GiB each): counted over every op the backward runs.
+    The gradient is what autograd computes (test_fused_logprobs_gradient_equals_autograd_fp32_and_bf16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from loss import hidden_logprobs
+    V, H = 301, 16
+
+    class Count(TorchDispatchMode):  # new (not in-place) fp32 tensors of the head's shape
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func._schema.name.endswith("_") and isinstance(out, torch.Tensor) and \
+                    out.shape == (V, H) and out.dtype == torch.float32:
+                Count.n += 1
+            return out
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 40, H, dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.3 * torch.randn(V, H)).to(torch.bfloat16).requires_grad_()
+    logp = hidden_logprobs(hidden, weight, torch.randint(0, V, (2, 40)), chunk_size=8)  # 10 chunks
+    with Count():
+        (grad_w,) = torch.autograd.grad(logp.sum(), weight)
+    assert grad_w.dtype == torch.bfloat16
+    assert Count.n <= 1, Count.n  # the fp32 accumulator only (it was one copy per chunk: 10)
