@@ -6,6 +6,7 @@ main suite too. Tests that do need vLLM carry test_vllm's `needs_vllm` and share
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -57,18 +58,27 @@ def _one_line_exit(capsys, main, argv, prefix):
     return err[0]
 
 
-@pytest.mark.slow
+def _small_problems(tmp_path):
+    """Four problems in a .jsonl file: the built-in task takes seconds to generate."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"{a}+1=?", "answer": str(a + 1),
+                                        "solution": f"so \\boxed{{{a + 1}}}"}) + "\n" for a in range(4)))
+    return str(path)
+
+
 def test_too_few_positions_refused_in_one_line_hf(tmp_path, capsys):
     """The built-in model has 512 positions: 600 new tokens after its prompts do not fit, with the HF engine
     too (which would go on computing past them), in train.py and in eval.py (its default 8,192 new tokens)."""
     import eval
     import train
-    line = _one_line_exit(capsys, train.main, TRAIN_SMALL + ["--max_new_tokens", "600", "--max_steps", "1",
-                                                              "--out_dir", str(tmp_path / "t")], "train.py: error: ")
+    problems = _small_problems(tmp_path)
+    line = _one_line_exit(capsys, train.main, TRAIN_SMALL + ["--data", problems, "--max_new_tokens", "600",
+                                                              "--max_steps", "1", "--out_dir", str(tmp_path / "t")],
+                          "train.py: error: ")
     assert "has 512 positions" in line and "+ --max_new_tokens 600" in line
     assert "rope_theta 40,000 and 16,384 positions" in line and "--max_positions" in line and "--rope_theta" in line
-    line = _one_line_exit(capsys, eval.main, ["--model", "tiny", "--benchmarks", "builtin", "--limit", "2",
-                                              "--rollout", "hf", "--out_dir", str(tmp_path / "e")], "eval.py: error: ")
+    line = _one_line_exit(capsys, eval.main, ["--model", "tiny", "--benchmarks", problems, "--rollout", "hf",
+                                              "--out_dir", str(tmp_path / "e")], "eval.py: error: ")
     assert "has 512 positions" in line and "+ --max_new_tokens 8192" in line and "--max_positions" in line
 
 
@@ -109,7 +119,6 @@ def test_vllm_seeds_one_stream_per_sample():
     on vLLM's own code): M x N distinct streams, in one call and over evaluate()'s chunks of problems."""
     from types import SimpleNamespace
     import data
-    import task
     import tiny
     from evaluation import evaluate
     from rollout import VLLMEngine
@@ -126,7 +135,7 @@ def test_vllm_seeds_one_stream_per_sample():
     engine.generate([[1, 2]] * 16, 8, 4, 1.0, seed=123)  # M = 16 prompts, N = 8 samples
     assert len(set(seeds)) == len(seeds) == 128
     seeds.clear()
-    problems = data.load_problems(task.BUILTIN, "eval", need_solution=False)[0][:10]
+    problems = [data.Problem([{"role": "user", "content": f"{a}+1=?"}], str(a + 1), "") for a in range(10)]
     evaluate(engine, tiny.make_tokenizer(), problems, k=4, batch_prompts=3, seed=5)  # 4 chunks
     assert len(set(seeds)) == len(seeds) == 40
 
@@ -158,7 +167,8 @@ def test_vllm_too_few_positions_refused_in_one_line(tmp_path, capsys):
         VLLMEngine(str(tmp_path), tok, max_model_len=100)
     assert "\n" not in str(e.value) and "has 64 positions" in str(e.value) and "max_model_len 100" in str(e.value)
     line = _one_line_exit(capsys, train.main, [a for a in TRAIN_SMALL if a not in ("--rollout", "hf")] + [
-        "--rollout", "vllm", "--model", str(tmp_path), "--max_new_tokens", "100", "--out_dir", str(tmp_path / "o")],
+        "--rollout", "vllm", "--model", str(tmp_path), "--data", _small_problems(tmp_path), "--max_new_tokens", "100",
+        "--out_dir", str(tmp_path / "o")],
         "train.py: error: ")
     assert "has 64 positions" in line and "+ --max_new_tokens 100" in line and "--max_positions" in line
 
