@@ -103,8 +103,11 @@ class _FusedLogprobs(torch.autograd.Function):
                 grad = grad.to(h.dtype)
                 if grad_h is not None:
                     grad_h[i:i + c] = grad @ w
-                if ctx.needs_input_grad[1]:  # summed in fp32; add_ casts each bf16 part as it reads it, so no
-                    if grad_w is None:  # fp32 copy of the [V, H] head is made per chunk (2 GiB for Qwen2.5-7B)
+                if ctx.needs_input_grad[1]:
+                    # summed in fp32: on CUDA add_ casts the chunk's bf16 [V, H] part as it reads it, where an
+                    # fp32 copy of the part was one more LM head per chunk (2 GiB for Qwen2.5-7B's); only on
+                    # CPU does TensorIterator make that copy inside add_ (CPU runs train in fp32 anyway)
+                    if grad_w is None:
                         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(h.dtype, torch.float32),
                                              device=weight.device)
                     grad_w.add_(grad.t() @ h)  # [V, H]

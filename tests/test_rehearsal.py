@@ -279,9 +279,11 @@ def test_weights_for_sync_casts_each_shard_before_gathering(tmp_path):
 
 
 def test_fused_logprobs_backward_makes_no_fp32_copy_of_the_head():
-    """With a bf16 LM head the backward sums each chunk's [V, H] gradient into one fp32 buffer without an
-    fp32 copy of it per chunk (for Qwen2.5-7B's head 2 GiB each): counted over every op the backward runs.
-    The gradient is what autograd computes (test_fused_logprobs_gradient_equals_autograd_fp32_and_bf16)."""
+    """With a bf16 LM head the backward sums each chunk's [V, H] gradient into one fp32 buffer and asks for
+    no fp32 copy of it per chunk (for Qwen2.5-7B's head 2 GiB each): counted over every op the backward
+    dispatches. What this saves is GPU memory: the in-place add casts as it reads on CUDA, while on CPU
+    TensorIterator still makes a temporary inside it (aten/src/ATen/TensorIterator.cpp, compute_types),
+    which no op-level count sees. The gradient is autograd's (test_fused_logprobs_gradient_equals_...)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from loss import hidden_logprobs
     V, H = 301, 16
