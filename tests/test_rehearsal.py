@@ -19,15 +19,14 @@ from tests.test_vllm import _greedy_and_gap, _prompts, hf_greedy, needs_vllm, vl
 
 
 @pytest.mark.vllm  # runs in both environments: transformers 5.24 here, vLLM's pinned 5.19 in the vLLM tier
-@pytest.mark.slow
 def test_grad_checkpointing_step_equals_the_plain_step(tmp_path):
     """One train.py step with --grad_checkpointing: it starts (5.19 has no activation_checkpointing_enable)
     and recomputing the activations changes no number of the step."""
     import train
-    rows = {}
+    rows, problems = {}, _small_problems(tmp_path)
     for flag in ("--grad_checkpointing", "--no-grad_checkpointing"):
         out = str(tmp_path / flag)
-        train.main(TRAIN_SMALL + ["--max_steps", "1", "--eval_problems", "2", "--out_dir", out, flag])
+        train.main(TRAIN_SMALL + ["--data", problems, "--max_steps", "1", "--out_dir", out, flag])
         rows[flag] = metrics(out)[-1]
     assert rows["--grad_checkpointing"]["train/grad_norm"] > 0
     assert rows["--grad_checkpointing"] == pytest.approx(rows["--no-grad_checkpointing"], rel=1e-5)
