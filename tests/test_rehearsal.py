@@ -112,7 +112,7 @@ def test_a_completion_without_eos_is_truncated_whatever_its_length():
 # item 3: one random stream per sample
 
 
-def test_vllm_seeds_one_stream_per_sample():
+def test_every_sample_gets_its_own_seed():
     """VLLMEngine's request seeds, expanded into per-sample seeds by the rule vLLM applies to a request of n
     samples (seed + j, vllm/v1/engine/parallel_sampling.py; test_vllm_seeds_expand_as_vllm_does checks it
     on vLLM's own code): M x N distinct streams, in one call and over evaluate()'s chunks of problems."""
@@ -146,7 +146,7 @@ def test_vllm_seeds_one_stream_per_sample():
 
 @needs_vllm
 def test_vllm_seeds_expand_as_vllm_does():
-    """The rule test_vllm_seeds_one_stream_per_sample assumes, read off vLLM's own code: the j-th of a
+    """The rule test_every_sample_gets_its_own_seed assumes, read off vLLM's own code: the j-th of a
     request's n samples is seeded seed + j."""
     from types import SimpleNamespace
     import vllm
