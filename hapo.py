@@ -46,7 +46,7 @@ class Group:
     teacher_ids: list = None  # the verified teacher trajectory tau_*, EOS included
     teacher_reward: float = 0.0  # the teacher scored by the same reward function
     teacher_at: int = None  # after SSI: the index of the injected teacher in responses, else None
-    truncated: list = None  # per response: hit max_new_tokens without EOS (None: none was)
+    truncated: list = None  # per response: cut for length without EOS, rollout.truncated (None: none was)
     sampler_logp: list = None  # per response: the sampling engine's log-prob of each token, if given
 
 
