@@ -160,7 +160,7 @@ def trainer(s, cfg, world):
     step = sum(out[k] for k in ("parameters", "gradients", "optimizer", "all-gathers"))
     backward = max(saved + layer_backward, before_layers + head + logits)  # the larger of the two backward peaks
     out["peak"] = max(step + backward, step - out["all-gathers"] + out["weight sync"])
-    out["tokens"] = tokens
+    out["tokens"], out["chunk"], out["checkpointed"] = tokens, min(cfg.chunk_size, tokens), cfg.grad_checkpointing
     return out
 
 
@@ -168,9 +168,9 @@ def trainer(s, cfg, world):
 # vLLM, host RAM, disk
 
 
-def kv_bytes_per_token(s, tp=1):
-    """vLLM's bf16 KV cache: a key and a value per layer and KV head, split over tensor-parallel ranks."""
-    return 2 * s.layers * max(1, s.kv_heads // tp) * s.head_dim * 2
+def kv_bytes_per_token(s, tp=1, dtype_bytes=2):
+    """A KV cache's bytes per token: a key and a value per layer and KV head, split over tensor-parallel ranks."""
+    return 2 * s.layers * max(1, s.kv_heads // tp) * s.head_dim * dtype_bytes
 
 
 def vllm(s, cfg, gib, tp):
@@ -186,15 +186,25 @@ def vllm(s, cfg, gib, tp):
             "kv tokens": int(kv // kv_bytes_per_token(s, tp))}
 
 
+def hf_engine(s, world, rollouts, seq):
+    """The HF engine (--rollout hf): under torchrun a full fp32 copy of the model samples, and
+    generate() holds the fp32 KV cache of all this rank's rollouts at once."""
+    kv = rollouts * seq * kv_bytes_per_token(s, dtype_bytes=4)
+    weights = 4 * parameters(s) if world > 1 else 0
+    return {"total": weights + kv, "weights": weights, "overhead": 0, "kv cache": kv, "kv tokens": rollouts * seq}
+
+
 def host_and_disk(s, cfg, hw):
-    """Host RAM of the busiest node (node 0) at start and at a save, and the checkpoint on disk."""
-    P, W = parameters(s), hw.world
+    """Host RAM of the busiest node (node 0) at start and at a save, and the checkpoint on disk.
+    torch.distributed.checkpoint streams each rank's shard to its files a few tensors at a time,
+    so a save holds in host RAM only the export, gathered on rank 0 in --save_dtype."""
+    P = parameters(s)
     save_bytes = 4 if getattr(cfg, "save_dtype", "bf16") in ("fp32", "float32") else 2
     base = hw.gpus * RANK_HOST_GIB * GiB + (hw.gpus * 2 * P / cfg.tensor_parallel if cfg.vllm_sleep else 0)
     state = 12 * P  # fp32 parameters and AdamW's two moments, as torch.distributed.checkpoint shards
     return {"host start": base + 4 * P,  # rank 0 reads the fp32 weights once and broadcasts them
-            "host save": base + hw.gpus * state / W + save_bytes * P,  # each rank's shard, and the export
-            "checkpoint": state + save_bytes * P, "per rank write": state / W, "export": save_bytes * P}
+            "host save": base + save_bytes * P,
+            "checkpoint": state + save_bytes * P, "per rank write": state / hw.world, "export": save_bytes * P}
 
 
 # ----------------------------------------------------------------------------
@@ -202,37 +212,57 @@ def host_and_disk(s, cfg, hw):
 
 
 def plan(config, cfg, hw):
-    """Everything the table prints, in bytes, with `fits` and the warnings (a dict)."""
+    """Everything the table prints, in bytes, with `fits` and the warnings (a dict). --rollout auto
+    is taken for vLLM (what it picks on GPUs); --vllm_sleep frees vLLM's KV cache and weights
+    during the training step (level 1), so the trainer's peak meets vLLM's overhead only."""
     s = shape_of(config)
     positions = getattr(cfg, "max_positions", 0) or s.positions
-    tp = cfg.tensor_parallel if hw.world > 1 else 1
-    t, v, d = trainer(s, cfg, hw.world), vllm(s, cfg, hw.gib, tp), host_and_disk(s, cfg, hw)
+    tp = cfg.tensor_parallel if hw.world > 1 and cfg.rollout != "hf" else 1
     n = cfg.group_size - 1 if cfg.method in ("luffy", "srft") else cfg.group_size
     rollouts = cfg.batch_prompts // (hw.world // tp) * n  # what one engine samples per step
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    per_gpu = t["peak"] + v["total"] + CUDA_RUNTIME_GIB * GiB
-    card = hw.gib * GiB
+    t, d = trainer(s, cfg, hw.world), host_and_disk(s, cfg, hw)
+    v = hf_engine(s, hw.world, rollouts, seq) if cfg.rollout == "hf" else vllm(s, cfg, hw.gib, tp)
+    runtime, card = CUDA_RUNTIME_GIB * GiB, hw.gib * GiB
+    resting = t["parameters"] + t["gradients"] + t["optimizer"]  # the trainer while the engine samples
+    if cfg.vllm_sleep and cfg.rollout != "hf":
+        per_gpu = max(t["peak"] + v["overhead"], resting + v["total"]) + runtime
+    else:
+        per_gpu = t["peak"] + v["total"] + runtime
     warnings = []
-    for what, need in (("--max_new_tokens", seq), ("--max_solution_tokens", cfg.max_prompt_tokens + cfg.max_solution_tokens)):
-        if need > positions:
-            warnings.append(f"positions too short: --max_prompt_tokens + {what} = {need:,} > the model's {positions:,} "
-                            "positions (a 16k copy, or --rope_theta/--max_positions)")
+    short = [f"{what} = {need:,}" for what, need in (("--max_new_tokens", seq), ("--max_solution_tokens",
+             cfg.max_prompt_tokens + cfg.max_solution_tokens)) if need > positions]
+    if short:
+        warnings.append(f"positions too short: --max_prompt_tokens + {' and + '.join(short)}, over the model's "
+                        f"{positions:,} positions (use a copy with more, e.g. LUFFY's 16k, or --rope_theta/--max_positions)")
     if v["kv tokens"] < seq:
-        warnings.append(f"vLLM's KV cache ({v['kv tokens']:,} tokens) holds no full-length sequence of {seq:,}: "
+        warnings.append(f"the KV cache ({v['kv tokens']:,} tokens) holds no full-length sequence of {seq:,}: "
                         "raise --vllm_gpu_memory")
     elif v["kv tokens"] // seq < rollouts:
-        warnings.append(f"vLLM's KV cache holds {v['kv tokens'] // seq} full-length sequences at once, this rank's "
-                        f"rollouts are {rollouts}: longer ones wait (raise --vllm_gpu_memory)")
-    room = FRAGMENTATION * card - v["total"] - CUDA_RUNTIME_GIB * GiB
+        warnings.append(f"vLLM's KV cache holds {v['kv tokens'] // seq} full-length sequences at once, this rank "
+                        f"samples {rollouts}: the rest wait their turn (more --vllm_gpu_memory samples faster)")
+    room = FRAGMENTATION * card - per_gpu + t["peak"]
     if t["peak"] > room:
-        warnings.append(f"the trainer needs {t['peak'] / GiB:.1f} GiB (a {t['tokens']:,}-token micro-batch) beside vLLM's "
-                        f"{v['total'] / GiB:.1f}: {room / GiB:.1f} GiB are left (lower --micro_batch_tokens or "
-                        "--vllm_gpu_memory, --grad_checkpointing, more GPUs)")
+        left = f"{room / GiB:.1f} GiB are left" if room > 0 else "nothing is left"
+        warnings.append(f"the trainer needs {t['peak'] / GiB:.1f} GiB (a {t['tokens']:,}-token micro-batch) and {left} "
+                        "beside the rollout engine (lower --micro_batch_tokens or --vllm_gpu_memory; "
+                        "--grad_checkpointing; more GPUs)")
     fits = per_gpu <= FRAGMENTATION * card and v["kv tokens"] >= seq
     if per_gpu > card:
         warnings.append(f"the total per GPU, {per_gpu / GiB:.1f} GiB, is over the card's {hw.gib:g} GiB")
     return {"hardware": hw, "shape": s, "trainer": t, "vllm": v, "disk": d, "per_gpu": per_gpu, "fits": fits,
-            "rollouts": rollouts, "seq": seq, "warnings": warnings}
+            "rollouts": rollouts, "seq": seq, "warnings": warnings, "hf": cfg.rollout == "hf",
+            "vllm_gpu_memory": cfg.vllm_gpu_memory}
+
+
+def headroom(config, cfg, hw):
+    """(the largest --vllm_gpu_memory, in steps of 0.05, and the largest --micro_batch_tokens, in
+    steps of 1,024, that fit with the other flags as given; None where none does)."""
+    import dataclasses
+    fit = lambda **kw: plan(config, dataclasses.replace(cfg, **kw), hw)["fits"]
+    memory = next((f / 20 for f in range(19, 0, -1) if fit(vllm_gpu_memory=f / 20)), None)
+    tokens = next((k * 1024 for k in range(256, 0, -1) if fit(micro_batch_tokens=k * 1024)), None)
+    return memory, tokens
 
 
 def summary(p):
@@ -245,41 +275,62 @@ def summary(p):
             "world": p["hardware"].world, "fits": p["fits"], "warnings": p["warnings"]}
 
 
-def table(p):
-    """The plan as a person reads it: one line a part, GiB per GPU unless said."""
-    t, v, d, hw = p["trainer"], p["vllm"], p["disk"], p["hardware"]
-    g = lambda x: f"{x / GiB:8.2f} GiB"
-    rows = [f"plan: {hw.nodes} node(s) x {hw.gpus} GPU(s) x {hw.gib:g} GiB, {p['shape'].layers} layers, "
-            f"{parameters(p['shape']) / 1e9:.2f}B parameters",
-            "per GPU",
-            *(f"  trainer {k:<20}{g(t[k])}" for k in ("parameters", "gradients", "optimizer", "all-gathers",
-                                                       "activations", "layer backward", "logits backward",
-                                                       "weight sync")),
-            f"  trainer peak{'':<16}{g(t['peak'])}   (one {t['tokens']:,}-token micro-batch)",
-            f"  vLLM weights{'':<16}{g(v['weights'])}",
-            f"  vLLM overhead{'':<15}{g(v['overhead'])}",
-            f"  vLLM KV cache{'':<15}{g(v['kv cache'])}   {v['kv tokens']:,} tokens = {v['kv tokens'] // p['seq']} "
-            f"sequences of {p['seq']:,} (this rank samples {p['rollouts']})",
-            f"  vLLM total{'':<18}{g(v['total'])}",
-            f"  CUDA runtime{'':<16}{g(CUDA_RUNTIME_GIB * GiB)}",
-            f"  peak{'':<24}{g(p['per_gpu'])}   of {hw.gib:g} GiB",
+def table(p, room=None):
+    """The plan as a person reads it: one line a part, GiB per GPU unless said; `room` is headroom()'s."""
+    t, v, d, hw, s = p["trainer"], p["vllm"], p["disk"], p["hardware"], p["shape"]
+    line = lambda group, what, x, note="": f"  {group:<10}{what:<24}{x / GiB:7.2f}   {note}".rstrip()
+    engine = "HF engine" if p["hf"] else "vLLM"
+    rows = [f"plan: {parameters(s) / 1e9:.2f}B parameters, {s.layers} layers; {hw.nodes} node(s) x {hw.gpus} GPU(s) "
+            f"x {hw.gib:g} GiB = {hw.world} rank(s)",
+            f"per GPU{'':<33}GiB",
+            line("trainer", "parameters (fp32)", t["parameters"], f"1/{hw.world} of each" if hw.world > 1 else ""),
+            line("", "gradients (fp32)", t["gradients"]),
+            line("", "AdamW (2 x fp32)", t["optimizer"]),
+            line("", "all-gathers (bf16)" if hw.world > 1 else "autocast copies (bf16)", t["all-gathers"],
+                 "FSDP2: embeddings and head, a layer and the next" if hw.world > 1 else ""),
+            line("", "activations", t["activations"], f"a {t['tokens']:,}-token micro-batch"
+                 + (", checkpointed" if t.get("checkpointed") else ", not checkpointed")),
+            line("", "layer backward", t["layer backward"], "the last layer's gradients"),
+            line("", "logits backward", t["logits backward"], f"[{t['chunk']:,} x {s.vocab:,}] chunks, the head's gradient"),
+            line("", "weight sync", t["weight sync"], "one full tensor, after the step"),
+            line("", "peak", t["peak"], "the above with the larger backward"),
+            line(engine, "weights", v["weights"], "bf16" if not p["hf"] else "a full fp32 copy"),
+            line("", "overhead", v["overhead"], "profiling peak, CUDA graphs (an estimate)" if not p["hf"] else ""),
+            line("", "KV cache", v["kv cache"], f"{v['kv tokens']:,} tokens: {v['kv tokens'] // p['seq']} sequences of "
+                 f"{p['seq']:,} at once; this rank samples {p['rollouts']}"),
+            line("", "total", v["total"], f"--vllm_gpu_memory {p['vllm_gpu_memory']:g}" if not p["hf"] else ""),
+            line("CUDA", "runtime", CUDA_RUNTIME_GIB * GiB, "context, NCCL, cuBLAS"),
+            line("total", "per GPU", p["per_gpu"], f"of {hw.gib:g} (fits under {FRAGMENTATION:.0%}: "
+                 f"{FRAGMENTATION * hw.gib:.1f})"),
             "host RAM, node 0",
-            f"  at start{'':<20}{g(d['host start'])}",
-            f"  at a save{'':<19}{g(d['host save'])}",
+            line("", "at start", d["host start"], "rank 0 reads the fp32 weights once, broadcasts them"),
+            line("", "at a save", d["host save"], "the export, gathered on rank 0"),
             "disk",
-            f"  checkpoint{'':<18}{d['checkpoint'] / 1e9:8.1f} GB    (sharded state and the export; 2 are kept)",
-            f"  one save per rank{'':<11}{d['per rank write'] / 1e9:8.1f} GB    (rank 0 also {d['export'] / 1e9:.1f} GB)",
-            f"{'FITS' if p['fits'] else 'DOES NOT FIT'}" + (f"; {len(p['warnings'])} warning(s):" if p["warnings"] else ""),
-            *(f"  - {w}" for w in p["warnings"])]
+            f"  {'':<10}{'checkpoint':<24}{d['checkpoint'] / 1e9:7.1f}   GB: sharded fp32 state "
+            f"{(d['checkpoint'] - d['export']) / 1e9:.1f} + export {d['export'] / 1e9:.1f}; two are kept",
+            f"  {'':<10}{'one save, per rank':<24}{d['per rank write'] / 1e9:7.1f}   GB, all ranks at once "
+            f"(rank 0 also the export)"]
+    if room:
+        memory, tokens = room
+        rows.append("headroom: " + ", ".join([f"--vllm_gpu_memory up to {memory:g}" if memory else
+                                              "no --vllm_gpu_memory fits",
+                                              f"--micro_batch_tokens up to {tokens:,}" if tokens else
+                                              "no --micro_batch_tokens fits"]) + " (each with the other flags as given)")
+    rows.append(("FITS" if p["fits"] else "DOES NOT FIT") + (f"; {len(p['warnings'])} warning(s):" if p["warnings"] else ""))
+    rows += [f"  - {w}" for w in p["warnings"]]
     return "\n".join(rows)
 
 
 def main(cfg, model_path):
-    """Print the table and its JSON line for train.py's --plan; returns the summary."""
+    """Print the table and, last, its JSON line, for train.py's --plan; returns the summary."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    p = plan(config, cfg, parse_hardware(cfg.plan))
-    print(table(p))
+    hw = parse_hardware(cfg.plan)
+    p = plan(config, cfg, hw)
+    room = headroom(config, cfg, hw) if cfg.rollout != "hf" else None
+    print(table(p, room))
     out = summary(p)
+    if room:
+        out["max_vllm_gpu_memory"], out["max_micro_batch_tokens"] = room
     print(json.dumps(out))
     return out

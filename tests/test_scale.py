@@ -208,3 +208,87 @@ def test_clip_grad_norm_keeps_shards():
     finally:
         tdist.destroy_process_group()
     assert peak["Total"] < 1.01 * (peak["Sharded Param"] + peak["Sharded Grad"])
+
+
+# ----------------------------------------------------------------------------
+# --plan on the command line (fast: arithmetic on a config.json)
+
+README_7B = ["--batch_prompts", "128", "--group_size", "8", "--mini_batches", "2", "--lr", "1e-6", "--max_new_tokens",
+             "8192", "--micro_batch_tokens", "32768", "--grad_checkpointing", "--entropy_coef", "0.001", "--rollout",
+             "vllm", "--eval_every", "25", "--save_every", "50"]
+
+
+def run_plan(capsys, model, *flags):
+    """train.py's --plan in this process: (the table, the last line's JSON)."""
+    import json
+    import train
+    train.main(["--model", model, *flags])  # returns: exit status 0 whether or not the run fits
+    lines = capsys.readouterr().out.strip().splitlines()
+    return "\n".join(lines[:-1]), json.loads(lines[-1])
+
+
+def test_plan_parameters_and_kv_cache_by_hand():
+    import plan
+    from transformers import AutoConfig
+    s7, s15 = (plan.shape_of(AutoConfig.from_pretrained(p)) for p in (QWEN_7B, QWEN_15B))
+    # 7B: 28 x (q 3584^2 + 3584, k and v 512 x 3584 + 512, o 3584^2, MLP 3 x 3584 x 18944, norms 2 x 3584)
+    #     + embeddings and head 2 x 152,064 x 3584 + the final norm
+    assert plan.parameters(s7) == 28 * 233_057_792 + 2 * 152_064 * 3584 + 3584 == 7_615_616_512
+    # 1.5B: 28 x 46,797,824 + the embeddings 151,936 x 1536 (tied: they are the head too) + the final norm
+    assert plan.parameters(s15) == 28 * 46_797_824 + 151_936 * 1536 + 1536 == 1_543_714_304
+    assert plan.kv_bytes_per_token(s7) == 2 * 28 * 4 * 128 * 2 == 57_344
+    assert plan.kv_bytes_per_token(s7, tp=2) == 28_672
+    # an FSDP2 shard of 8 pads dim 0: 152,064 rows split 19,008 each; 1,536 split 192
+    assert plan.numel((152_064, 3584), 8) == 19_008 * 3584 and plan.numel((1536,), 8) == 192
+
+
+def test_plan_7b_recipe_fits_on_8x80_not_on_1x80(capsys):
+    table, out = run_plan(capsys, QWEN_7B, *README_7B, "--plan", "8x80")
+    assert out["fits"] is True and out["world"] == 8
+    for part in ("parameters (fp32)", "gradients (fp32)", "AdamW", "all-gathers", "activations", "layer backward",
+                 "logits backward", "weight sync", "vLLM", "KV cache", "CUDA", "host RAM", "at start", "at a save",
+                 "checkpoint", "one save, per rank", "FITS"):
+        assert part in table, part
+    assert 30 < out["trainer_gib"] < 45 and out["vllm_gib"] == 28.0 and out["per_gpu_gib"] < 76
+    assert 150_000 < out["kv_cache_tokens"] < 200_000 and out["checkpoint_gb"] == pytest.approx(106.6, abs=0.1)
+    assert any("sequences at once" in w for w in out["warnings"])  # ~19 of this rank's 128 at a time
+    _, one = run_plan(capsys, QWEN_7B, *README_7B, "--plan", "1x80")
+    assert one["fits"] is False and one["trainer_gib"] > 100 and any("over the card" in w for w in one["warnings"])
+    _, two_nodes = run_plan(capsys, QWEN_7B, *README_7B, "--plan", "2x8x80")
+    assert two_nodes["world"] == 16 and two_nodes["trainer_gib"] < out["trainer_gib"]
+
+
+def test_plan_1_5b_fits_on_one_80gib_gpu(capsys):
+    _, out = run_plan(capsys, QWEN_15B, *README_7B, "--plan", "1x80")
+    assert out["fits"] is True and out["world"] == 1
+
+
+def test_plan_warns_of_too_few_positions(capsys):
+    _, out = run_plan(capsys, QWEN_7B, *README_7B, "--max_prompt_tokens", "1024", "--plan", "8x80")
+    assert any("positions too short" in w and "9,216" in w and "4,096" in w for w in out["warnings"])
+    _, short = run_plan(capsys, QWEN_7B, *README_7B, "--max_new_tokens", "3072", "--max_solution_tokens", "3072",
+                        "--plan", "8x80")
+    assert not any("positions" in w for w in short["warnings"])
+
+
+def test_plan_needs_grad_checkpointing_for_the_7b_recipe(capsys):
+    flags = [f for f in README_7B if f != "--grad_checkpointing"]
+    _, out = run_plan(capsys, QWEN_7B, *flags, "--plan", "8x80")
+    assert out["fits"] is False and any("the trainer needs" in w for w in out["warnings"])
+
+
+@pytest.mark.parametrize("bad", ["8", "x80", "0x80", "8x", "8x0", "abc"])
+def test_plan_bad_value_is_one_line_and_exit_2(capsys, bad):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", QWEN_7B, "--plan", bad])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "--plan" in err and "NODESx" in err
+
+
+def test_plan_without_a_config_is_one_line_and_exit_2(capsys, tmp_path):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tmp_path), "--plan", "8x80"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "config.json" in err
