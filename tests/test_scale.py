@@ -292,3 +292,37 @@ def test_plan_without_a_config_is_one_line_and_exit_2(capsys, tmp_path):
         train.main(["--model", str(tmp_path), "--plan", "8x80"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "config.json" in err
+
+
+# ----------------------------------------------------------------------------
+# benchmarks/gpu_check.py's checks for the first GPU run, on the CPU
+
+
+def gpu_check():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(capsys, monkeypatch):
+    module = gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--checks", "scale"])
+    module.main()  # returns: no SystemExit
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_scale_checks_pass_on_cpu():
+    """Checks 4 (grad checkpointing) and 5 (save and resume under a one-rank process group, FSDP2-
+    sharded) with gloo on the CPU and a narrow model: what the GPU run repeats with NCCL."""
+    module = gpu_check()
+    config = module.small_config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, vocab_size=512, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    ckpt = module.run_check("grad_checkpointing", module.check_grad_checkpointing, torch.device("cpu"), config)
+    assert ckpt["ok"], ckpt
+    saved = module.run_check("save_resume", module.check_save_resume, torch.device("cpu"), config)
+    assert saved["ok"] and saved["weights_equal"] and saved["adamw_equal"], saved
+    assert "ok" in saved["fsdp2"]  # the sharded round trip's result is reported, whatever it is
