@@ -115,7 +115,7 @@ class Policy(torch.nn.Module):
 def wrap(model, d: Dist, grad_checkpointing=False, bf16=None) -> Policy:
     """The trained policy: the model on the device, recomputing activations in the backward pass if
     asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun."""
-    if any(p.device not in (d.device, torch.device("meta")) for p in model.parameters()):
+    if any(t.device not in (d.device, torch.device("meta")) for t in [*model.parameters(), *model.buffers()]):
         model.to(d.device)  # a meta-device model is materialised after sharding; one already there stays
     if grad_checkpointing:
         model.activation_checkpointing_enable()
