@@ -152,7 +152,7 @@ def trainer(s, cfg, world):
     out["layer backward"] = layer_backward
     out["logits backward"] = head + logits
     layer_params = sum(numel(x) for x in layer_shapes(s))
-    if world > 1:  # FSDP2: the root gathered in bf16 for the whole step, a layer and its prefetch, a layer's fp32 gradient
+    if world > 1:  # FSDP2: the root in bf16 for the whole step, a layer and its prefetch, a layer's fp32 gradient
         out["all-gathers"] = 2 * sum(numel(x) for x in root_shapes(s)) + 2 * 2 * layer_params + 4 * layer_params
     else:  # autocast keeps a bf16 copy of every weight it casts, and loss.py casts the head once more
         out["all-gathers"] = 2 * parameters(s) + 2 * V * H
@@ -234,7 +234,8 @@ def plan(config, cfg, hw):
              cfg.max_prompt_tokens + cfg.max_solution_tokens)) if need > positions]
     if short:
         warnings.append(f"positions too short: --max_prompt_tokens + {' and + '.join(short)}, over the model's "
-                        f"{positions:,} positions (use a copy with more, e.g. LUFFY's 16k, or --rope_theta/--max_positions)")
+                        f"{positions:,} positions (use a copy with more, e.g. LUFFY's 16k, or "
+                        "--rope_theta/--max_positions)")
     if v["kv tokens"] < seq:
         warnings.append(f"the KV cache ({v['kv tokens']:,} tokens) holds no full-length sequence of {seq:,}: "
                         "raise --vllm_gpu_memory")
@@ -291,7 +292,8 @@ def table(p, room=None):
             line("", "activations", t["activations"], f"a {t['tokens']:,}-token micro-batch"
                  + (", checkpointed" if t.get("checkpointed") else ", not checkpointed")),
             line("", "layer backward", t["layer backward"], "the last layer's gradients"),
-            line("", "logits backward", t["logits backward"], f"[{t['chunk']:,} x {s.vocab:,}] chunks, the head's gradient"),
+            line("", "logits backward", t["logits backward"],
+                 f"[{t['chunk']:,} x {s.vocab:,}] chunks, the head's gradient"),
             line("", "weight sync", t["weight sync"], "one full tensor, after the step"),
             line("", "peak", t["peak"], "the above with the larger backward"),
             line(engine, "weights", v["weights"], "bf16" if not p["hf"] else "a full fp32 copy"),
@@ -315,8 +317,10 @@ def table(p, room=None):
         rows.append("headroom: " + ", ".join([f"--vllm_gpu_memory up to {memory:g}" if memory else
                                               "no --vllm_gpu_memory fits",
                                               f"--micro_batch_tokens up to {tokens:,}" if tokens else
-                                              "no --micro_batch_tokens fits"]) + " (each with the other flags as given)")
-    rows.append(("FITS" if p["fits"] else "DOES NOT FIT") + (f"; {len(p['warnings'])} warning(s):" if p["warnings"] else ""))
+                                              "no --micro_batch_tokens fits"])
+                    + " (each with the other flags as given)")
+    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+    rows.append(verdict + (f"; {len(p['warnings'])} warning(s):" if p["warnings"] else ""))
     rows += [f"  - {w}" for w in p["warnings"]]
     return "\n".join(rows)
 

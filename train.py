@@ -188,7 +188,8 @@ def plan_only(cfg):
     """--plan: the memory table and its JSON line (plan.py); exit 0 whether or not the run fits."""
     from models import resolve_model
     try:
-        plan.main(cfg, resolve_model(cfg.model))
+        if parallel.from_env().master:  # under torchrun, one table
+            plan.main(cfg, resolve_model(cfg.model))
     except (DataError, OSError, ValueError) as e:  # no config.json here nor in the hub cache
         fail(f"--plan: could not read the config.json of '{cfg.model}' ({str(e).splitlines()[0][:200]}); "
              "give a local directory or download it first (hf download MODEL config.json)", parallel.from_env())

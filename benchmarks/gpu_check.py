@@ -255,9 +255,11 @@ def round_trip(device, config, sharded):
         path, model2, _, state = checkpoint.find_resumable(out_dir, lambda p: load_model(p, dtype=torch.float32), dist)
         policy2, opt2 = build(model2.to(device))
         checkpoint.load_state(state, model2, opt2, dist)
-    same_w = all(torch.equal(full(a), full(b)) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    pairs = zip(model.state_dict().values(), model2.state_dict().values())
+    same_w = all(torch.equal(full(a), full(b)) for a, b in pairs)
+    moments = zip(opt.state.values(), opt2.state.values())
     same_m = len(opt.state) == len(opt2.state) > 0 and all(
-        torch.equal(full(a["exp_avg_sq"]), full(b["exp_avg_sq"])) for a, b in zip(opt.state.values(), opt2.state.values()))
+        torch.equal(full(a["exp_avg_sq"]), full(b["exp_avg_sq"])) for a, b in moments)
     return {"ok": bool(same_w and same_m), "weights_equal": bool(same_w), "adamw_equal": bool(same_m)}
 
 

@@ -119,7 +119,8 @@ def test_plan_would_catch_a_wrong_model():
     import plan
     from transformers import AutoConfig
     s = plan.shape_of(AutoConfig.from_pretrained(QWEN_7B))
-    with_ckpt, without = plan.trainer(s, recipe(), 8)["peak"], plan.trainer(s, recipe(grad_checkpointing=False), 8)["peak"]
+    with_ckpt = plan.trainer(s, recipe(), 8)["peak"]
+    without = plan.trainer(s, recipe(grad_checkpointing=False), 8)["peak"]
     assert without > 3 * with_ckpt
 
 
@@ -181,7 +182,8 @@ def test_vllm_qwen2_loader_mapping_is_the_one_rehearsed():
     """VLLM_STACKED is what the installed vLLM's Qwen2 loader maps, read from its source."""
     import vllm.model_executor.models.qwen2 as qwen2
     tree = ast.parse(open(qwen2.__file__).read())
-    found = [ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "orig_to_new_stacked"]
+    found = [ast.literal_eval(n.value) for n in ast.walk(tree)
+             if isinstance(n, ast.keyword) and n.arg == "orig_to_new_stacked"]
     assert found == [VLLM_STACKED]
 
 
