@@ -157,7 +157,7 @@ def vllm_load(stream, config, stacked=VLLM_STACKED):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [QWEN_7B, QWEN_15B])
+@pytest.mark.parametrize("path", [QWEN_7B, QWEN_15B], ids=["7b", "1.5b"])
 def test_weight_sync_names_and_shapes_are_what_vllm_loads(path):
     """weight_sync.weights_for_sync over the FSDP2-sharded, checkpointed trainer (rank 0 of 8): every
     vLLM parameter receives exactly its rows, in names vLLM's Qwen2 loader maps."""
@@ -187,6 +187,7 @@ def test_vllm_qwen2_loader_mapping_is_the_one_rehearsed():
     assert found == [VLLM_STACKED]
 
 
+@pytest.mark.slow
 def test_clip_grad_norm_keeps_shards():
     """Why the rehearsal leaves clipping out: on real tensors under FSDP2, clip_grad_norm_ allocates
     nothing the size of the gradients (a small model, 8 fake ranks, real storage)."""
