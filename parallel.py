@@ -112,24 +112,27 @@ class Policy(torch.nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def wrap(model, d: Dist, grad_checkpointing=False) -> Policy:
+def wrap(model, d: Dist, grad_checkpointing=False, bf16=None) -> Policy:
     """The trained policy: the model on the device, recomputing activations in the backward pass if
     asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun."""
-    model.to(d.device)
+    if any(t.device not in (d.device, torch.device("meta")) for t in [*model.parameters(), *model.buffers()]):
+        model.to(d.device)  # a meta-device model is materialised after sharding; one already there stays
     if grad_checkpointing:  # transformers 5.24 renamed the method (the old name warns); vLLM 0.32 pins <5.20
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     policy = Policy(model)
     if d.world > 1:
-        shard(policy, d)
+        shard(policy, d, bf16)
     return policy
 
 
-def shard(policy: Policy, d: Dist) -> None:
-    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU."""
+def shard(policy: Policy, d: Dist, bf16=None) -> None:
+    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU
+    (bf16=True asks for it elsewhere too: the CPU rehearsal of tests/test_scale.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else {}
+    bf16 = d.device.type == "cuda" if bf16 is None else bf16
+    mp = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}
     for layer in policy.model.model.layers:
-        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**bf16))
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**mp))
     # the root's inputs are the batch (advantages, old log-probs): keep them fp32
-    fully_shard(policy, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False))
+    fully_shard(policy, mp_policy=MixedPrecisionPolicy(**mp, cast_forward_inputs=False))

@@ -28,6 +28,7 @@ import checkpoint
 import data
 import hapo
 import parallel
+import plan
 import task
 import tiny
 import tracking
@@ -93,6 +94,7 @@ class Config:
     chunk_size: int = 1024  # positions per chunk of full-vocabulary logits
     attn: str = "sdpa"  # attention: sdpa | eager | flash_attention_2/3 (their varlen kernels make --pack pay off)
     progress: bool = True  # tqdm bar
+    plan: str = ""  # [NODESx]GPUSxGIB (8x80, 2x8x80): print whether this run fits, from config.json alone, and exit
 
 
 # fields a resumed run may change (and says so); any other change would mix two experiments
@@ -161,7 +163,11 @@ def parse_args(argv, dist):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
         p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), choices=CHOICES.get(f.name), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
-    if msg := problems_with(cfg, dist.world):
+    try:  # a plan's ranks are those of the hardware it names
+        world = plan.parse_hardware(cfg.plan).world if cfg.plan else dist.world
+    except ValueError as e:
+        p.error(str(e))
+    if msg := problems_with(cfg, world):
         p.error(msg)
     return cfg
 
@@ -181,12 +187,25 @@ def check_resume(cfg, old, path, dist):
         print(f"resume: applying {', '.join(changed)}")
 
 
+def plan_only(cfg):
+    """--plan: the memory table and its JSON line (plan.py); exit 0 whether or not the run fits."""
+    from models import resolve_model
+    try:
+        if parallel.from_env().master:  # under torchrun, one table
+            plan.main(cfg, resolve_model(cfg.model))
+    except (DataError, OSError, ValueError) as e:  # no config.json here nor in the hub cache
+        fail(f"--plan: could not read the config.json of '{cfg.model}' ({str(e).splitlines()[0][:200]}); "
+             "give a local directory or download it first (hf download MODEL config.json)", parallel.from_env())
+
+
 # ----------------------------------------------------------------------------
 # the loop
 
 
 def main(argv=None):
     cfg = parse_args(argv, parallel.from_env())
+    if cfg.plan:  # before any weights, data or process group: plan.py reads the model's config.json only
+        return plan_only(cfg)
     dist = parallel.init()
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
