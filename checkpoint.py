@@ -34,8 +34,9 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from data import one_line
 from parallel import all_sum, broadcast
@@ -151,8 +152,15 @@ def save_dtype(name, device):
 
 def training_state(model, opt):
     """Model and optimizer as this rank holds them (its shards under FSDP2), keyed by parameter name:
-    what torch.distributed.checkpoint writes and reads in place. (Creates AdamW's state if empty.)"""
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+    what torch.distributed.checkpoint writes and reads in place. A tied weight is kept under its first
+    name only (lm_head.weight is embed_tokens.weight). Creates AdamW's state if it is empty."""
+    seen, aliases = set(), set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(name)
+        seen.add(id(t))
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(model, opt)}
 
 
 def _dcp(fn, state, path, dist):
@@ -299,7 +307,7 @@ def load_state(path, state, model, opt, dist):
     try:
         sd = training_state(model, opt)
         _dcp(dcp.load, sd, os.path.join(path, "shards"), dist)
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=False))  # the aliases are tied
         set_optimizer_state_dict(model, opt, sd["optimizer"])
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"--resume: cannot read the shards of {path} ({one_line(_causes(e)[0])})") from None
