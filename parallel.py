@@ -6,6 +6,7 @@
 Nothing changes when not under torchrun: rank 0 of a world of 1, on cuda:0 or the CPU.
 """
 
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -139,6 +140,14 @@ def wrap(model, d: Dist, grad_checkpointing=False) -> Policy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return policy
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` on the meta device, made without copying a weight (ties kept): a full copy to
+    fill later (materialize, then a weight sync) costs no memory until then, even on rank 0."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.to("meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 def materialize(module: torch.nn.Module, device: torch.device) -> None:

@@ -10,7 +10,6 @@ Each step: rollout -> reward -> confidence and gate -> SSI -> advantages -> loss
 """
 
 import argparse
-import copy
 import dataclasses
 import inspect
 import json
@@ -228,7 +227,7 @@ def main(argv=None):
     # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
     # every rank would have to run the same forwards, so the HF engine samples from a full copy (on
     # the meta device until the trainer's weights are loaded, below)
-    sampler = copy.deepcopy(model).to("meta") if dist.world > 1 and kind == "hf" else model
+    sampler = parallel.meta_copy(model) if dist.world > 1 and kind == "hf" else model
     try:  # a vLLM outside the supported range, or --vllm_sleep on vLLM's CPU build: one line
         engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
                              gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,

@@ -8,7 +8,6 @@ grew while loading (ru_maxrss) against the model's full size, and whether its sh
 frequencies, tied embeddings, a forward pass and the HF engine's full copy (train.py's sampler)
 equal those of the loading before sharded loading: a full from_pretrained on every rank.
 """
-import copy
 import json
 import os
 import resource
@@ -31,7 +30,7 @@ dist = parallel.init(timeout_min=7)
 before = peak_mib()
 model, tok = models.load_policy(path, dist)  # train.py's loading, then its wrap
 built_on_meta = next(model.parameters()).is_meta
-sampler = copy.deepcopy(model).to("meta")  # train.py's HF engine's copy under torchrun, filled below
+sampler = parallel.meta_copy(model)  # train.py's HF engine's copy under torchrun, filled below
 policy = parallel.wrap(model, dist)
 grown = peak_mib() - before
 full_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # numel: the global shape
