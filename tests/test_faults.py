@@ -242,7 +242,8 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(tmp_path):
     (["--batch_prompts", "16", "--mini_batches", "5"], "--batch_prompts"),
     (["--eval_problems", "-5"], "--eval_problems"), (["--grad_clip", "-1"], "--grad_clip"),
     (["--method", "ppo"], "--method"), (["--report_to", "mlflow"], "--report_to"),
-    (["--pack"], "--pack"), (["--resume", "--overwrite"], "contradict")])
+    (["--pack"], "--pack"), (["--resume", "--overwrite"], "contradict"),
+    (["--dist_timeout_min", "0"], "--dist_timeout_min"), (["--save_dtype", "fp16"], "--save_dtype")])
 def test_bad_flags_are_one_line_before_any_work(flags, words, capsys):
     import train
     from parallel import Dist
