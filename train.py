@@ -246,7 +246,7 @@ def main(argv=None):
             checkpoint.load_state(start_dir, state, model, opt, dist)
         except CheckpointError as e:
             fail(str(e), dist)
-    if sampler is not model:
+    if sampler is not model:  # the HF engine's full copy, gathered from the trainer's shards
         parallel.materialize(sampler, dist.device)
         engine.sync_weights(model)
     for group in opt.param_groups:
