@@ -1,17 +1,23 @@
-"""Checkpoints for exact resume, and the out_dir they live in.
+"""Checkpoints for exact resume, and the out_dir they live in (docs/CHECKPOINTS.md has the details).
 
-    <out_dir>/step_NNNNNN/   model + tokenizer (save_pretrained: transformers and vLLM load it)
-                             state.pt: step, data cursor, optimizer, every rank's RNG state, config
+    <out_dir>/step_NNNNNN/   the policy in --save_dtype, and the tokenizer (save_pretrained: what
+                             transformers, vLLM and eval.py load); written by rank 0
+        shards/              the training state in fp32: model + AdamW, torch.distributed.checkpoint,
+                             one file per rank (__R_0.distcp), each written by its rank, in parallel
+        state.pt             step, data cursor, every rank's RNG state, the number of ranks, config
     <out_dir>/latest         the name of the newest complete checkpoint
     <out_dir>/lock           held (flock) by the one run that owns out_dir
 
 What is guaranteed: a checkpoint is written to a temporary directory and renamed, and `latest` is
 replaced the same way, so a crash, a kill or a full disk never leaves a half checkpoint behind a
-name; a failed write removes its partial files; non-finite weights are never saved; pruning only
-removes checkpoints older than one just written; and a damaged newest checkpoint falls back to the
-previous complete one. Under FSDP2 the full state is gathered to rank 0, which alone writes.
+name; a failed write (on any rank) removes its partial files; non-finite weights are never saved;
+pruning only removes checkpoints older than one just written; and a damaged newest checkpoint
+falls back to the previous complete one. Resume reads the shards, not the exported policy, so it is
+exact whatever --save_dtype; every rank reads its own shard (a resume builds the model on the meta
+device and never holds it whole). One code path for one rank and for many.
 """
 
+import copy
 import errno
 import fcntl
 import glob
@@ -21,10 +27,16 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from data import one_line
 from parallel import all_sum, broadcast
@@ -130,66 +142,143 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(out_dir, step, model, tok, opt, dist, extra, keep=2):
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_dtype(name, device):
+    """--save_dtype as a torch dtype: auto is bf16 on a GPU (what vLLM serves) and fp32 on a CPU."""
+    return DTYPES[name] if name in DTYPES else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def training_state(model, opt):
+    """Model and optimizer as this rank holds them (its shards under FSDP2), keyed by parameter name:
+    what torch.distributed.checkpoint writes and reads in place. A tied weight is kept under its first
+    name only (lm_head.weight is embed_tokens.weight). Creates AdamW's state if it is empty."""
+    seen, aliases = set(), set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(name)
+        seen.add(id(t))
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k not in aliases}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(model, opt)}
+
+
+def _dcp(fn, state, path, dist):
+    """dcp.save or dcp.load on every rank; one process needs no process group (and no warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        fn(state, checkpoint_id=path, no_dist=dist.world == 1)
+
+
+def export(model, dtype, dist):
+    """The whole model in `dtype` on rank 0's CPU (an empty dict elsewhere), one tensor at a time, for
+    save_pretrained: each is cast on its shard before the gather, so the traffic and rank 0's RAM are
+    those of `dtype`. A tied weight is gathered once and named twice (save_pretrained drops the alias)."""
+    out, done = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in done:
+            x = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+            x = x.full_tensor() if hasattr(x, "full_tensor") else x  # every rank takes part
+            done[id(t)] = x.cpu() if dist.master else None
+        if dist.master:
+            out[name] = done[id(t)]
+    return out
+
+
+def _causes(e):
+    """The exceptions behind e: DCP gathers every rank's failure into one CheckpointException."""
+    return [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+
+
+def save(out_dir, step, model, tok, opt, dist, extra, dtype=torch.float32, keep=2):
     """Write <out_dir>/step_NNNNNN atomically, point `latest` at it, and remove checkpoints older
-    than it beyond the newest `keep`. `extra` (data cursor, config) goes into state.pt with the
-    optimizer and RNG states. Raises CheckpointError, with nothing half-written left behind, for
-    non-finite weights or a failed write (a full disk)."""
+    than it beyond the newest `keep`. Every rank writes its shards of the training state; rank 0 then
+    writes the policy in `dtype`, state.pt (with `extra`: data cursor, config) and renames. Raises
+    CheckpointError on every rank, with nothing half-written left behind, for non-finite weights or a
+    failed write on any rank (a full disk)."""
     bad = sum(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
     if all_sum(dist, float(bad)):  # every rank checks its own shards, and all agree
         raise CheckpointError(f"step {step}: the weights are not finite; not saved")
+    final = os.path.join(out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"  # one name for all ranks; the out_dir's lock makes it this run's
+    if dist.master:
+        _remove(tmp)
     rngs = [None] * dist.world
-    if dist.world > 1:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, opt_sd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+    if dist.world > 1:  # also the barrier: no rank writes into tmp before rank 0 has cleared it
         tdist.all_gather_object(rngs, rng_state())
     else:
-        model_sd, opt_sd, rngs = model.state_dict(), opt.state_dict(), [rng_state()]
+        rngs = [rng_state()]
     error = None
-    if dist.master:
-        final = os.path.join(out_dir, f"step_{step:06d}")
-        tmp = final + f".tmp{os.getpid()}"
-        try:
-            model.save_pretrained(tmp, state_dict=model_sd)
+    try:
+        _dcp(dcp.save, training_state(model, opt), os.path.join(tmp, "shards"), dist)  # a failure raises on all ranks
+        weights = export(model, dtype, dist)
+        if dist.master:
+            model.save_pretrained(tmp, state_dict=weights)
+            config = copy.deepcopy(model.config)
+            config.dtype = str(dtype).split(".")[1]  # save_pretrained wrote the trainer's; loaders read this one
+            config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            torch.save({"step": step, "optimizer": opt_sd, "rng": rngs, "world": dist.world, **extra},
-                       os.path.join(tmp, "state.pt"))
+            torch.save({"step": step, "rng": rngs, "world": dist.world, **extra}, os.path.join(tmp, "state.pt"))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
                 f.write(os.path.basename(final))
             os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        except Exception as e:  # a full disk surfaces as OSError, or RuntimeError from torch.save's zip writer
-            _remove(tmp)
-            _remove(os.path.join(out_dir, "latest.tmp"))
-            full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
-            error = (f"step {step}: {'no space left on device' if full else one_line(e)} writing {final} "
-                     f"(partial files removed); the last good checkpoint is {latest(out_dir) or 'none'}")
-        else:
-            older = [s for s in steps(out_dir) if s < step]
-            for s in older[:max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(os.path.join(out_dir, f"step_{s:06d}"), ignore_errors=True)
-    if error := broadcast(dist, error):
-        raise CheckpointError(error)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        error = e
+    message = None
+    if dist.master and error is not None:
+        _remove(tmp)
+        _remove(os.path.join(out_dir, "latest.tmp"))
+        causes = _causes(error)  # a full disk surfaces as OSError, or RuntimeError from torch.save's zip writer
+        full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) or "unexpected pos" in str(c)
+                   for c in causes)
+        message = (f"step {step}: {'no space left on device' if full else one_line(causes[0])} writing {final} "
+                   f"(partial files removed); the last good checkpoint is {latest(out_dir) or 'none'}")
+    elif dist.master:
+        older = [s for s in steps(out_dir) if s < step]
+        for s in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(out_dir, f"step_{s:06d}"), ignore_errors=True)
+    if message := broadcast(dist, message):
+        raise CheckpointError(message)
 
 
 # ----------------------------------------------------------------------------
 # resuming
 
 
+def verify(path):
+    """Raise unless the checkpoint at `path` is whole, reading only headers: every file the shards'
+    metadata names is there and long enough, and every exported weight file's header matches its size."""
+    from safetensors import safe_open
+    meta = dcp.FileSystemReader(os.path.join(path, "shards")).read_metadata()
+    for info in meta.storage_data.values():
+        file = os.path.join(path, "shards", info.relative_path)
+        if not os.path.exists(file) or os.path.getsize(file) < info.offset + info.length:
+            raise CheckpointError(f"shard file {info.relative_path} is missing or truncated")
+    exported = glob.glob(os.path.join(path, "*.safetensors"))
+    if not exported or not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError("the exported policy (config.json, *.safetensors) is missing")
+    for file in exported:
+        with safe_open(file, "pt"):  # a truncated file fails here ("file not fully covered")
+            pass
+
+
 def read_state(path, dist):
-    """A checkpoint's state.pt; raises CheckpointError (one line) when it is missing or unreadable.
-    Under FSDP2 the file is memory-mapped, so ranks other than 0 read only the small entries."""
+    """A checkpoint's state.pt, once the checkpoint is verified whole; raises CheckpointError (one
+    line) when something is missing or unreadable, RankMismatch for another number of ranks."""
     try:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False, mmap=dist.world > 1)
-        state["step"], state["cursor"], state["rng"], state["optimizer"]  # noqa: B018 (all there?)
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        state["step"], state["cursor"], state["rng"], state["world"]  # noqa: B018 (all there?)
     except Exception as e:  # a truncated or garbled file can fail in many ways
         raise CheckpointError(f"{path}/state.pt is unreadable ({one_line(e)})") from None
     if state["world"] != dist.world:
         raise RankMismatch(f"--resume: {path} was written by {state['world']} rank(s), not {dist.world}: resume it with "
                            "as many (that would mix two experiments)")
+    try:
+        verify(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is incomplete ({one_line(e)})") from None
     return state
 
 
@@ -212,15 +301,16 @@ def find_resumable(out_dir, load, dist):
     raise CheckpointError(f"--resume: no readable checkpoint in '{out_dir}'")
 
 
-def load_state(state, model, opt, dist):
-    """state.pt's optimizer and this rank's RNG into the run (the model came from the checkpoint's
-    directory). Under FSDP2 rank 0 holds the full optimizer state and broadcasts it into the shards."""
-    if dist.world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, state["optimizer"] if dist.master else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        opt.load_state_dict(state["optimizer"])
+def load_state(path, state, model, opt, dist):
+    """The checkpoint's shards into the wrapped model and the optimizer, in place (each rank reads
+    its own), and this rank's RNG state. Raises CheckpointError (one line)."""
+    try:
+        sd = training_state(model, opt)
+        _dcp(dcp.load, sd, os.path.join(path, "shards"), dist)
+        set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=False))  # the aliases are tied
+        set_optimizer_state_dict(model, opt, sd["optimizer"])
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"--resume: cannot read the shards of {path} ({one_line(_causes(e)[0])})") from None
     set_rng_state(state["rng"][dist.rank])
 
 

@@ -71,18 +71,28 @@ def check_positions(config, need: dict) -> None:
 
 
 def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementation=None, rope_theta=None,
-               max_positions=None):
+               max_positions=None, meta=False):
     """(model or None, tokenizer) from resolve_model's answer. Weights are skipped when vLLM loads its
     own; the default dtype is bf16 on a GPU and fp32 on a CPU; attn_implementation (sdpa, eager,
     flash_attention_2) defaults to transformers' choice; rope_theta and max_positions override the
-    config (position_overrides). Raises DataError (one line)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config (position_overrides). meta: the model from its config on the meta device, shapes without
+    weights, for parallel.wrap to shard and fill. Raises DataError (one line)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     config = load_config(path, rope_theta, max_positions) if need_weights else None
     try:
         tok = AutoTokenizer.from_pretrained(path)
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw) if need_weights else None
+        model = None
+        if need_weights and meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+            try:  # what from_pretrained would read too: a checkpoint exports it, vLLM reads its defaults
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except OSError:
+                pass
+        elif need_weights:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw)
     except Exception as err:  # a missing, damaged or foreign checkpoint fails in many ways (SafetensorError, ...)
         raise _cannot_load(path, err) from None
     if tok.pad_token_id is None:
@@ -93,3 +103,15 @@ def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementa
 def _cannot_load(path, err) -> DataError:
     where = "" if os.path.isdir(path) else " (not a local directory, so tried as a hub id)"
     return DataError(f"could not load model '{path}'{where}: {one_line(err)}")
+
+
+def load_policy(path: str, dist, from_checkpoint: bool = False, attn_implementation=None, rope_theta=None,
+                max_positions=None):
+    """(model, tokenizer) to train, in fp32. The weights are read only where they come from: by rank 0
+    of a fresh run (parallel.wrap broadcasts them into every rank's shards), never by the other ranks
+    nor on a resume (the checkpoint's shards fill the model); there it is built on the meta device.
+    So a node holds one full copy in host RAM at start, not one per rank; one process is unchanged."""
+    meta = from_checkpoint or not dist.master
+    return load_model(path, dtype=torch.float32, attn_implementation=attn_implementation, rope_theta=rope_theta,
+                      max_positions=max_positions, meta=meta)
+

@@ -6,6 +6,8 @@
 Nothing changes when not under torchrun: rank 0 of a world of 1, on cuda:0 or the CPU.
 """
 
+import copy
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -32,13 +34,16 @@ def from_env() -> Dist:
     return Dist(rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"))
 
 
-def init() -> Dist:
-    """from_env(), and the process group when there are several ranks (NCCL on GPUs, gloo on CPUs)."""
+def init(timeout_min: float = 60) -> Dist:
+    """from_env(), and the process group when there are several ranks (NCCL on GPUs, gloo on CPUs).
+    A rank waits `timeout_min` minutes in a collective before the job aborts: NCCL's default of 10
+    is shorter than a 7B checkpoint takes to write on a slow shared filesystem."""
     d = from_env()
     if d.world > 1 and not tdist.is_initialized():
         if d.device.type == "cuda":
             torch.cuda.set_device(d.device)
-        tdist.init_process_group("nccl" if d.device.type == "cuda" else "gloo")
+        tdist.init_process_group("nccl" if d.device.type == "cuda" else "gloo",
+                                 timeout=datetime.timedelta(minutes=timeout_min))
     return d
 
 
@@ -112,18 +117,52 @@ class Policy(torch.nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def wrap(model, d: Dist, grad_checkpointing=False, bf16=None) -> Policy:
+def wrap(model, d: Dist, grad_checkpointing=False, bf16=None, keep_meta=False) -> Policy:
     """The trained policy: the model on the device, recomputing activations in the backward pass if
-    asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun."""
-    if any(t.device not in (d.device, torch.device("meta")) for t in [*model.parameters(), *model.buffers()]):
-        model.to(d.device)  # a meta-device model is materialised after sharding; one already there stays
+    asked (non-reentrant, which FSDP2 composes with), wrapped as FSDP2's root under torchrun.
+
+    Under torchrun the model is sharded before it reaches the device, so no GPU ever holds it whole,
+    and it may be on the meta device (models.load_model(meta=True)): its shards are then allocated
+    here and filled with rank 0's weights when rank 0 has them (a fresh run: one full copy in host
+    RAM, not one per rank), or left for checkpoint.load_state to fill (a resume: meta on every rank)."""
+    meta = next(model.parameters()).is_meta
+    full = model.state_dict() if d.world > 1 and d.master and not meta else {}  # taken before sharding
+    if d.world == 1 and not meta:
+        model.to(d.device)
     if grad_checkpointing:  # transformers 5.24 renamed the method (the old name warns); vLLM 0.32 pins <5.20
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     policy = Policy(model)
     if d.world > 1:
         shard(policy, d, bf16)
+    if keep_meta:  # the CPU rehearsal (tests/test_scale.py) materialises it under fake tensors itself
+        return policy
+    if meta:
+        materialize(policy, d.device)
+    if d.world > 1 and broadcast(d, bool(full)):  # rank 0 read the weights: into every rank's shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return policy
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` on the meta device, made without copying a weight (ties kept): a full copy to
+    fill later (materialize, then a weight sync) costs no memory until then, even on rank 0."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.to("meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """A meta-device model (or Policy) on `device`, its weights uninitialised for a load to fill; the
+    buffers no state dict holds (rotary inv_freq) are recomputed by transformers' own initialiser,
+    and the embeddings tied again where to_empty untied them (FSDP2 keeps its own ties)."""
+    module.to_empty(device=device)
+    hf = module.model if isinstance(module, Policy) else module
+    for m in hf.modules():
+        if m._non_persistent_buffers_set:
+            hf._init_weights(m)
+    hf.tie_weights()
 
 
 def shard(policy: Policy, d: Dist, bf16=None) -> None:

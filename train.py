@@ -10,7 +10,6 @@ Each step: rollout -> reward -> confidence and gate -> SSI -> advantages -> loss
 """
 
 import argparse
-import copy
 import dataclasses
 import inspect
 import json
@@ -79,6 +78,8 @@ class Config:
     max_steps: int = 200  # rollout batches, one optimizer step each (more with --mini_batches)
     out_dir: str = "out"  # metrics.jsonl, completions.jsonl and checkpoints go here
     save_every: int = 50  # checkpoint every this many steps (and at the end)
+    save_dtype: str = "auto"  # the exported policy's dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    dist_timeout_min: float = 60.0  # minutes a rank waits in a collective (a slow save) before torchrun aborts
     seed: int = 0  # everything random derives from it (per rank: seed + rank)
     resume: bool = False  # continue from the last good checkpoint in out_dir
     overwrite: bool = False  # start over in an out_dir that holds a run (deletes its checkpoints)
@@ -99,6 +100,7 @@ class Config:
 
 # fields a resumed run may change (and says so); any other change would mix two experiments
 MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "max_steps", "eval_every", "save_every",
+                        "save_dtype", "dist_timeout_min",
                         "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
                         "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
                         "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn"}
@@ -106,7 +108,7 @@ MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "ma
 
 CHOICES = {"method": sorted(hapo.METHODS), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
            "loss_norm": ("token_mean", "constant"), "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
-           "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3")}
+           "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "save_dtype": ("auto", "bf16", "fp32")}
 
 
 def problems_with(cfg, world):
@@ -128,6 +130,7 @@ def problems_with(cfg, world):
               (cfg.temperature > 0, "--temperature must be > 0 (the trainer's log-probs are of logits / T)"),
               (cfg.eval_temperature >= 0, "--eval_temperature must be >= 0 (0: greedy)"),
               (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval_every and --save_every must be >= 1"),
+              (cfg.dist_timeout_min > 0, "--dist_timeout_min must be > 0"),
               (cfg.eval_problems >= 0 and cfg.log_completions_every >= 0,
                "--eval_problems and --log_completions_every must be >= 0"),
               (0 < cfg.vllm_gpu_memory <= 1 and cfg.tensor_parallel >= 1,
@@ -206,12 +209,12 @@ def main(argv=None):
     cfg = parse_args(argv, parallel.from_env())
     if cfg.plan:  # before any weights, data or process group: plan.py reads the model's config.json only
         return plan_only(cfg)
-    dist = parallel.init()
+    dist = parallel.init(cfg.dist_timeout_min)
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
     from evaluation import encode_prompts, evaluate
-    from models import check_positions, load_model, position_overrides, resolve_model
+    from models import check_positions, load_policy, position_overrides, resolve_model
     from rollout import make_engine, resolve_engine, truncated
 
     lock, error = None, None
@@ -226,8 +229,8 @@ def main(argv=None):
     random.seed(cfg.seed + dist.rank)
     np.random.seed(cfg.seed + dist.rank)
     try:
-        load = lambda path: load_model(path, dtype=torch.float32, attn_implementation=cfg.attn,
-                                       rope_theta=cfg.rope_theta, max_positions=cfg.max_positions)
+        load = lambda path: load_policy(path, dist, cfg.resume, cfg.attn, cfg.rope_theta,  # weights on rank 0
+                                        cfg.max_positions)  # or in the shards
         if cfg.resume:
             start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist)
             check_resume(cfg, state["config"], start_dir, dist)
@@ -252,8 +255,9 @@ def main(argv=None):
         print(f"data: {json.dumps(stats)}; held-out problems: {len(held)}")
         print(f"rollout engine: {kind} ({why})")
     # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
-    # every rank would have to run the same forwards, so the HF engine samples from a full copy
-    sampler = copy.deepcopy(model).to(dist.device) if dist.world > 1 and kind == "hf" else model
+    # every rank would have to run the same forwards, so the HF engine samples from a full copy (on
+    # the meta device until the trainer's weights are loaded, below)
+    sampler = parallel.meta_copy(model) if dist.world > 1 and kind == "hf" else model
     try:  # a vLLM outside the supported range, or --vllm_sleep on vLLM's CPU build: one line
         engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
                              gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
@@ -271,7 +275,13 @@ def main(argv=None):
                             fused=dist.device.type == "cuda")  # one kernel, no per-parameter temporaries
     step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
     if state:
-        checkpoint.load_state(state, model, opt, dist)
+        try:
+            checkpoint.load_state(start_dir, state, model, opt, dist)
+        except CheckpointError as e:
+            fail(str(e), dist)
+    if sampler is not model:  # the HF engine's full copy, gathered from the trainer's shards
+        parallel.materialize(sampler, dist.device)
+        engine.sync_weights(model)
     for group in opt.param_groups:
         group["weight_decay"] = cfg.weight_decay  # a resumed optimizer keeps its old one otherwise
     log = tracking.Log(cfg.out_dir, dist.master, cfg.report_to.split(","), step if state else None,
@@ -290,7 +300,8 @@ def main(argv=None):
     def save(at):
         try:
             checkpoint.save(cfg.out_dir, at, model, tok, opt, dist,
-                            {"cursor": cursor, "config": dataclasses.asdict(cfg)})
+                            {"cursor": cursor, "config": dataclasses.asdict(cfg)},
+                            checkpoint.save_dtype(cfg.save_dtype, dist.device))
         except CheckpointError as e:
             fail(str(e), dist, code=1)
         return os.path.join(cfg.out_dir, f"step_{at:06d}")

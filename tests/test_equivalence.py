@@ -126,18 +126,25 @@ def test_chunked_logprobs_equal_log_softmax():
 
 
 def test_train_resume_is_exact(tmp_path):
+    """b exports its policy in bf16 and resumes exactly all the same: resume reads the fp32 shards."""
     import train
+    from transformers import AutoModelForCausalLM
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = TRAIN_SMALL + ["--method", "hapo", "--save_every", "2", "--eval_every", "3"]
     train.main(common + ["--max_steps", "4", "--out_dir", a])
-    train.main(common + ["--max_steps", "2", "--out_dir", b])
-    train.main(common + ["--max_steps", "4", "--out_dir", b, "--resume"])
+    train.main(common + ["--max_steps", "2", "--out_dir", b, "--save_dtype", "bf16"])
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(b, "step_000002"))  # dtype: the config's
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
+    train.main(common + ["--max_steps", "4", "--out_dir", b, "--resume", "--save_dtype", "bf16"])
     ma, mb = metrics(a), metrics(b)
     assert [r["step"] for r in mb] == [0, 1, 2, 3, 4]
     for ra, rb in zip(ma, mb):  # b also evaluated at its stop (step 2): compare what both logged
         assert {k for k in ra if k.startswith("train/")} == {k for k in rb if k.startswith("train/")}
         for k in ra.keys() & rb.keys():
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    # on a CPU the export is fp32 by default: the very weights that the shards hold
+    assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(os.path.join(a, "step_000004")).parameters()} \
+        == {torch.float32}
 
 
 @pytest.mark.distributed
@@ -161,6 +168,7 @@ def test_two_ranks_step_equals_one_process(tmp_path):
 DIST_SMALL = TRAIN_SMALL + ["--method", "hapo", "--save_every", "2", "--eval_every", "3"]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -179,7 +187,7 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
         assert {k for k in ra if k.startswith("train/")} == {k for k in rb if k.startswith("train/")}
         for k in ra.keys() & rb.keys():
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
-    # the checkpoint is the whole model, gathered from the shards, and loads in transformers
+    # the exported policy is the whole model, gathered from the shards, and loads in transformers
     import torch
     from transformers import AutoModelForCausalLM
     import tiny
@@ -191,8 +199,44 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     assert saved.state_dict().keys() == init.state_dict().keys()
     for (name, p), q in zip(saved.named_parameters(), init.parameters()):
         assert p.shape == q.shape and not torch.equal(p, q), name  # full size, and trained
+    # the training state: each rank wrote its own shard file, about half of model + AdamW each
+    shards = {f: os.path.getsize(os.path.join(ckpt, "shards", f)) for f in os.listdir(os.path.join(ckpt, "shards"))}
+    assert shards.keys() == {".metadata", "__0_0.distcp", "__1_0.distcp"}, shards
+    whole = 3 * sum(p.numel() * 4 for p in init.parameters())  # fp32 weights and AdamW's two moments
+    assert all(0.4 * whole < shards[f"__{r}_0.distcp"] < 0.6 * whole for r in (0, 1)), (shards, whole)
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-    assert state["world"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+    assert state["world"] == 2 and len(state["rng"]) == 2 and state["step"] == 4 and "optimizer" not in state
+    # and one rank may not resume what two wrote: one line
+    r = run([sys.executable, os.path.join(ROOT, "train.py"), *DIST_SMALL, "--max_steps", "5", "--out_dir", a,
+             "--resume"], check=False)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "written by 2 rank(s), not 1" in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_load_the_weights_once_into_shards_equal_to_a_full_load(tmp_path):
+    """train.py's loading under torchrun (models.load_policy, parallel.wrap): rank 1 builds the model
+    on the meta device and its host memory never grows by a full copy; rank 0 reads the weights and
+    broadcasts them. Every shard, buffer and forward pass equals a full load on every rank."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import tiny
+    tok = tiny.make_tokenizer()
+    torch.manual_seed(0)  # 41M parameters, 157 MiB in fp32: far above the noise of a process's memory
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=512, intermediate_size=1536,
+                                         num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8,
+                                         max_position_embeddings=256, tie_word_embeddings=True)).float()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run(TORCHRUN + [os.path.join(DRIVERS, "sharded_load.py"), str(tmp_path / "model"), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["shards_equal"] and r["buffers_equal"] and r["tied"] and r["logits_equal"], r
+        assert r["sampler_equal"] and r["sampler_tied"], r  # the HF engine's full copy, from the shards
+        assert r["local_mib"] == pytest.approx(r["full_mib"] / 2, rel=0.01), r
+        assert r["timeout_s"] == 7 * 60, r  # parallel.init's timeout reached the process group
+    assert not ranks[0]["built_on_meta"] and ranks[0]["grown_mib"] > ranks[0]["full_mib"], ranks[0]
+    assert ranks[1]["built_on_meta"] and ranks[1]["grown_mib"] < ranks[1]["full_mib"], ranks[1]
 
 
 @pytest.mark.gpu

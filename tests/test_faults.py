@@ -162,8 +162,9 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(small_disk):
-    # a checkpoint of the tiny model is ~10 MB (weights 3.3 MB, AdamW's two moments 6.6 MB)
-    for mb, saved in ((3, 0), (25, 2)):
+    # a checkpoint of the tiny model is ~14 MB: the exported weights (3.3 MB) and the shards (weights 3.3 MB,
+    # AdamW's two moments 6.6 MB); the third is written before the first is pruned: 35 MB hold two
+    for mb, saved in ((3, 0), (35, 2)):
         out = small_disk(mb)
         r = run_train(*FAST, "--max_steps", "6", "--save_every", "1", "--out_dir", out)
         _one_line(r, ["no space left on device", "partial files removed", "last good checkpoint"], code=1)
@@ -188,6 +189,8 @@ def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, ca
     damage = {"truncated state.pt": (lambda d: _truncate(d, "step_000004/state.pt"), "step_000002"),
               "truncated weights": (lambda d: _truncate(d, "step_000004/model.safetensors"), "step_000002"),
               "missing state.pt": (lambda d: os.remove(os.path.join(d, "step_000004", "state.pt")), "step_000002"),
+              "truncated shard": (lambda d: _truncate(d, "step_000004/shards/__0_0.distcp"), "step_000002"),
+              "missing shard index": (lambda d: os.remove(os.path.join(d, "step_000004/shards/.metadata")), "step_000002"),
               "garbage latest": (lambda d: open(os.path.join(d, "latest"), "wb").write(b"\x00\xffstep_99"), "step_000004"),
               "empty latest": (lambda d: open(os.path.join(d, "latest"), "w").close(), "step_000004")}
     load = lambda path: load_model(path, dtype=torch.float32)
@@ -226,9 +229,10 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(tmp_path):
     r = run_train(*FAST, "--max_steps", "3", "--out_dir", out, "--resume", "--lr", "1e-4", "--weight_decay", "0.1")
     assert r.returncode == 0 and "applying --lr 0.0001 (was 0.0005), --weight_decay 0.1 (was 0.0)" in r.stdout
     assert [row.get("train/lr") for row in metrics(out)] == [None, 5e-4, 5e-4, 1e-4]
-    state = torch.load(os.path.join(out, "step_000003", "state.pt"), weights_only=False)
-    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
-    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(os.path.join(out, "step_000003", "shards"), tmp_path / "state.pt")  # the shards as one file
+    groups = torch.load(tmp_path / "state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == 1e-4 and groups[0]["weight_decay"] == 0.1
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -238,7 +242,8 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(tmp_path):
     (["--batch_prompts", "16", "--mini_batches", "5"], "--batch_prompts"),
     (["--eval_problems", "-5"], "--eval_problems"), (["--grad_clip", "-1"], "--grad_clip"),
     (["--method", "ppo"], "--method"), (["--report_to", "mlflow"], "--report_to"),
-    (["--pack"], "--pack"), (["--resume", "--overwrite"], "contradict")])
+    (["--pack"], "--pack"), (["--resume", "--overwrite"], "contradict"),
+    (["--dist_timeout_min", "0"], "--dist_timeout_min"), (["--save_dtype", "fp16"], "--save_dtype")])
 def test_bad_flags_are_one_line_before_any_work(flags, words, capsys):
     import train
     from parallel import Dist

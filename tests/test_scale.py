@@ -50,7 +50,8 @@ def fake_policy(path, world, cfg):
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    policy = parallel.wrap(model, parallel.Dist(0, world, torch.device("cpu")), cfg.grad_checkpointing, bf16=True)
+    policy = parallel.wrap(model, parallel.Dist(0, world, torch.device("cpu")), cfg.grad_checkpointing, bf16=True,
+                           keep_meta=True)
     return policy, model, config
 
 
@@ -200,7 +201,7 @@ def test_clip_grad_norm_keeps_shards():
                              num_attention_heads=4, num_key_value_heads=2)
         with torch.device("meta"):
             model = Qwen2ForCausalLM(config)
-        policy = parallel.wrap(model, parallel.Dist(0, 8, torch.device("cpu")), bf16=True)
+        policy = parallel.wrap(model, parallel.Dist(0, 8, torch.device("cpu")), bf16=True, keep_meta=True)
         policy.to_empty(device="cpu")
         for p in policy.parameters():
             p.grad = torch.ones_like(p)
