@@ -209,7 +209,7 @@ def check_grad_checkpointing(device, config):
 def check_save_resume(device, config):
     """5. checkpoint.save, then find_resumable and load_state, as train.py calls them, under a process
     group of one rank (NCCL on a GPU, gloo on the CPU): the policy as train.py builds it for one rank,
-    and FSDP2-sharded (the sharded state's code path; `ok` does not wait for it, its result is shown)."""
+    and FSDP2-sharded (the sharded state's code path, as every rank runs it under torchrun)."""
     import torch.distributed as tdist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -222,7 +222,7 @@ def check_save_resume(device, config):
             sharded = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     finally:
         tdist.destroy_process_group()
-    return {**plain, "fsdp2": sharded}
+    return {**plain, "ok": plain["ok"] and sharded["ok"], "fsdp2": sharded}
 
 
 def round_trip(device, config, sharded):
@@ -231,7 +231,7 @@ def round_trip(device, config, sharded):
 
     import checkpoint
     import tiny
-    from models import load_model
+    from models import load_policy
     from transformers import AutoTokenizer
     dist = parallel.Dist(0, 1, device)
     tok = AutoTokenizer.from_pretrained(tiny.SHIPPED)
@@ -252,9 +252,9 @@ def round_trip(device, config, sharded):
     full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu()
     with tempfile.TemporaryDirectory() as out_dir:
         checkpoint.save(out_dir, 1, model, tok, opt, dist, {"cursor": 0, "config": {}})
-        path, model2, _, state = checkpoint.find_resumable(out_dir, lambda p: load_model(p, dtype=torch.float32), dist)
-        policy2, opt2 = build(model2.to(device))
-        checkpoint.load_state(state, model2, opt2, dist)
+        path, model2, _, state = checkpoint.find_resumable(out_dir, lambda p: load_policy(p, dist, True), dist)
+        policy2, opt2 = build(model2)  # as train.py resumes: built on meta, filled from the shards
+        checkpoint.load_state(path, state, model2, opt2, dist)
     pairs = zip(model.state_dict().values(), model2.state_dict().values())
     same_w = all(torch.equal(full(a), full(b)) for a, b in pairs)
     moments = zip(opt.state.values(), opt2.state.values())
