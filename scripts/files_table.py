@@ -28,6 +28,7 @@ WHAT = {  # path -> what it holds; the order is the README's
     "evaluation.py": "avg@k and pass@1, `evaluate` (train.py's and eval.py's)",
     "eval.py": "the command: the paper's Table 1 on benchmark files, resumable",
     "test_hapo.py": "the suite's entry point: tier 1 by hand here, the rest from tests/",
+    "conftest.py": "the suite's two speeds: `--all` adds tier 3 (the tests marked slow)",
     "tests/": "the tiers' modules, the reward's case tables, child-process drivers",
     "scripts/": "experiment.py (Figure 2, several seeds), probe.py, files_table.py",
     "benchmarks/": "bench.py (against TRL), rollout_speed.py, gpu_check.py, their requirements",

@@ -63,6 +63,7 @@ def test_micro_batches_equal_whole_batch(method, split):
         assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_fused_logprobs_forward_and_backward_peak_memory_far_below_naive():
     """The fused function never holds the [B, T, V] logits or their gradient: at Qwen's vocabulary
     (2 x 512 positions, 622 MB of fp32 logits) its peak is a fraction of the naive one's."""
@@ -125,6 +126,7 @@ def test_chunked_logprobs_equal_log_softmax():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ga, gb))
 
 
+@pytest.mark.slow
 def test_train_resume_is_exact(tmp_path):
     import train
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -140,6 +142,7 @@ def test_train_resume_is_exact(tmp_path):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_step_equals_one_process(tmp_path):
     driver = os.path.join(DRIVERS, "two_ranks_step.py")
@@ -161,6 +164,7 @@ def test_two_ranks_step_equals_one_process(tmp_path):
 DIST_SMALL = TRAIN_SMALL + ["--method", "hapo", "--save_every", "2", "--eval_every", "3"]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
