@@ -93,12 +93,13 @@ def test_probe_script_smoke(capsys):
 
 
 def test_readme_files_table_and_references_match_the_repository():
-    """The README's files table is scripts/files_table.py's (line counts of today), and every file the
-    README and docs/ name exists in the repository."""
+    """The README's files table and reading path are scripts/files_table.py's (line counts of today),
+    and every file the README and docs/ name exists in the repository."""
     import glob
     import re
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
+    assert script("files_table").reading_path() in readme, "paste the reading path files_table.py prints"
     for doc in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
         named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
         places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
