@@ -42,7 +42,7 @@ from tests.test_rollout import *  # noqa: E402,F401,F403  tier 2
 from tests.test_end_to_end import *  # noqa: E402,F401,F403  the one train.py run; tier 3: the scripts
 from tests.test_eval import *  # noqa: E402,F401,F403  eval.py
 from tests.test_faults import *  # noqa: E402,F401,F403  tier 3 mostly: what a run survives
-from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm)
+from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm --all)
 from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers, the task variants, the experiment's smoke run
 
 

@@ -1,4 +1,4 @@
-"""The vLLM tier: rollout.VLLMEngine against vLLM itself (its CPU build in CI, `-m vllm`).
+"""The vLLM tier: rollout.VLLMEngine against vLLM itself (its CPU build in CI, `-m vllm --all`).
 
 Every test here carries `@needs_vllm`: marked `vllm`, and skipped where vLLM is not installed, so the
 main suite (which has no vLLM) skips them cleanly and the vLLM environment runs them. (A module-level
