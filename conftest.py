@@ -16,6 +16,7 @@ def pytest_addoption(parser):
                      help="also run tier 3: the tests marked slow or distributed (what CI runs)")
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m: count only the slow tests they would have kept
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--all"):
         return
