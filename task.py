@@ -105,7 +105,8 @@ def _drawer(rng: random.Random, digits: int, carry_out, excluded: set):
             if i not in tried:
                 tried.add(i)
                 a, b = lo + i // span, lo + i % span
-                if carry_out in (None, a + b >= 10**digits) and (a, b) not in excluded | also_excluded:
+                fresh = (a, b) not in excluded and (a, b) not in also_excluded  # not `excluded | also`: a copy per draw
+                if carry_out in (None, a + b >= 10**digits) and fresh:
                     out.append((a, b))
         if len(out) < n:
             raise ValueError(f"too few {digits}-digit sums of this kind for {n} more (held out with their swaps)")

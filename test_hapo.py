@@ -1,6 +1,7 @@
-"""The whole test suite: `python -m pytest -q test_hapo.py` runs every test (what CI runs).
+"""The whole test suite, in two speeds (docs/TESTING.md):
 
-Three tiers, in this order:
+    python -m pytest -q test_hapo.py          # tiers 1 and 2 and one short train.py run: the check after an edit
+    python -m pytest -q test_hapo.py --all    # and tier 3, every test marked `slow`: what CI runs
 
 1. Equations by hand. This file proves each equation of the method against numbers worked out by
    hand (Eqs. 2-9, Algorithm 1, Theorem 4.2); tests/test_reward.py does the same for Eq. 4, the
@@ -9,13 +10,15 @@ Three tiers, in this order:
    statistics, schedules); tests/test_data.py for the data loaders and the built-in task and model.
 2. Equivalences against a slow, obvious reference (tests/test_equivalence.py, tests/test_rollout.py):
    micro-batches == the whole batch, chunked log-probs == log_softmax, batched sampling == one
-   prompt at a time, two ranks == one process, a resumed run == an uninterrupted one.
-3. End to end (tests/test_end_to_end.py, tests/test_eval.py, tests/test_faults.py): train.py,
-   eval.py and the scripts on the built-in model, and the faults a run must survive.
+   prompt at a time; and one train.py run of three steps in this process (tests/test_end_to_end.py).
+3. `slow` (conftest.py leaves these out without --all): train.py runs that stop, fail and resume
+   (tests/test_faults.py), two ranks == one process and a resumed run == an uninterrupted one
+   (tests/test_equivalence.py), the scripts' and the experiments' smoke runs, the rebuild of the
+   shipped model, and any test over about 3 s or that starts a child process.
 
-Markers (pytest.ini): `slow`, `distributed` (torchrun), `vllm` (runs where vLLM is installed: CI
-runs `-m vllm` in an environment of its own), `gpu` (skips without CUDA). Data (the reward's case
-table), child-process drivers and shared helpers live in tests/.
+Markers (pytest.ini): `slow` (tier 3), `distributed` (torchrun; also slow), `vllm` (runs where vLLM
+is installed: CI runs `-m vllm --all` in an environment of its own), `gpu` (skips without CUDA).
+Data (the reward's case table), child-process drivers and shared helpers live in tests/.
 """
 
 import math
@@ -36,10 +39,10 @@ from tests.test_options import *  # noqa: E402,F401,F403  tier 1: LUFFY's switch
 from tests.test_data import *  # noqa: E402,F401,F403  tier 1: data, task, tiny model
 from tests.test_equivalence import *  # noqa: E402,F401,F403  tier 2
 from tests.test_rollout import *  # noqa: E402,F401,F403  tier 2
-from tests.test_end_to_end import *  # noqa: E402,F401,F403  tier 3
-from tests.test_eval import *  # noqa: E402,F401,F403  tier 3
-from tests.test_faults import *  # noqa: E402,F401,F403  tier 3: what a run survives
-from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm)
+from tests.test_end_to_end import *  # noqa: E402,F401,F403  the one train.py run; tier 3: the scripts
+from tests.test_eval import *  # noqa: E402,F401,F403  eval.py
+from tests.test_faults import *  # noqa: E402,F401,F403  tier 3 mostly: what a run survives
+from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm --all)
 from tests.test_rehearsal import *  # noqa: E402,F401,F403  what the 7B recipe's first GPU run would hit (issue 21)
 from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers, the task variants, the experiment's smoke run
 from tests.test_scale import *  # noqa: E402,F401,F403  tier 3: the 7B and 1.5B recipes rehearsed on the CPU (plan.py)

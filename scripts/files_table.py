@@ -1,4 +1,4 @@
-"""Print the README's files table with today's line counts (the README's test checks it).
+"""Print the README's files table and reading path with today's line counts (the README's test checks both).
 
     python scripts/files_table.py
 """
@@ -28,10 +28,11 @@ WHAT = {  # path -> what it holds; the order is the README's
     "evaluation.py": "avg@k and pass@1, `evaluate` (train.py's and eval.py's)",
     "eval.py": "the command: the paper's Table 1 on benchmark files, resumable",
     "test_hapo.py": "the suite's entry point: tier 1 by hand here, the rest from tests/",
+    "conftest.py": "the suite's two speeds: `--all` adds tier 3 (the tests marked slow)",
     "tests/": "the tiers' modules, the reward's case tables, child-process drivers",
     "scripts/": "experiment.py (Figure 2, several seeds), probe.py, files_table.py",
     "benchmarks/": "bench.py (against TRL), rollout_speed.py, gpu_check.py, their requirements",
-    "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, REWARD.md, VLLM.md, figures",
+    "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, BENCH.md, TESTING.md, REWARD.md, VLLM.md, figures",
     "tiny_base/": "the shipped base model (3.2 MB) and its build record",
 }
 
@@ -47,9 +48,18 @@ def table():
     return "\n".join(f"| `{p}` | {lines(p)} | {w} |" for p, w in WHAT.items())
 
 
+def reading_path():
+    """The README's reading order: the algorithm, its loss, one step on groups, the loop."""
+    n = {p: lines(p) for p in ("gate.py", "loss.py", "hapo.py", "update.py", "train.py")}
+    return (f"`gate.py` ({n['gate.py']} lines) -> `loss.py` ({n['loss.py']}) -> `hapo.py` ({n['hapo.py']}) -> "
+            f"`train.py` ({n['train.py']}), with `update.py` ({n['update.py']}) for the loop's steps 6-7")
+
+
 if __name__ == "__main__":
     missing = [p for p in WHAT if not os.path.exists(os.path.join(ROOT, p))]
     unlisted = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and f not in WHAT)
     if missing or unlisted:
         sys.exit(f"files_table.py: missing {missing}, not in the table {unlisted}")
     print(table())
+    print()
+    print(reading_path())

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from types import SimpleNamespace
 
 import torch
@@ -63,7 +64,24 @@ def run(cmd, cwd=ROOT, env=ONE_THREAD, timeout=300, check=True):
 
 
 def run_train(*args, **kw):
+    """train.py in a child process: for tests where the process boundary is the point (signals, kill,
+    the out_dir lock held by another process). Elsewhere train_here saves the child's 6-10 s of imports."""
     return run([sys.executable, os.path.join(ROOT, "train.py"), *args], check=False, env=os.environ, **kw)
+
+
+def train_here(capsys, *args):
+    """train.main(args) in this process, read as run_train reads a child: a CompletedProcess of the exit
+    code (SystemExit's; 0 when main returns) and what the run printed (capsys, pytest's fixture)."""
+    import train
+    capsys.readouterr()  # what came before is not this run's
+    code = 0
+    try:
+        train.main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        traceback.clear_frames(e.__traceback__)  # main's locals go now, its out_dir lock with them, as at an exit
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], code, out, err)
 
 
 def build_batch(groups, method, gamma, pad_id=0):

@@ -88,6 +88,7 @@ def test_task_disjoint_verified_deterministic():
     assert builtin_task(n_train=10, n_eval=300, seed=0, digits=2)[1] == evaluation  # eval fixed by seed
 
 
+@pytest.mark.slow
 def test_task_never_asks_what_the_base_model_was_pretrained_on():
     tok = tiny.make_tokenizer()
     two, three = tiny.pretraining_corpus(tok)
@@ -349,6 +350,7 @@ def test_shipped_base_model_adds_but_never_carries_into_a_fourth_column():
     assert out == {"seen": len(seen), "asked": 0}
 
 
+@pytest.mark.slow
 def test_rebuild_replays_the_recorded_losses():
     """The build is deterministic: its first steps give the losses build.json recorded, so the
     shipped weights are what `python tiny.py` makes. HAPO_FULL_REBUILD=1 replays all 3,000 steps

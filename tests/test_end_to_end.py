@@ -1,5 +1,5 @@
-"""Tier 3: end to end. train.py for a few steps on the built-in model, its one-line errors on bad
-input, and smoke runs of the scripts (scripts/experiment.py, scripts/probe.py)."""
+"""End to end: train.py for a few steps on the built-in model (the fast tier's one run), its one-line
+errors on bad input, and (tier 3, slow) smoke runs of the scripts (scripts/experiment.py, probe.py)."""
 
 import importlib.util
 import json
@@ -7,12 +7,24 @@ import math
 import os
 
 import pytest
+import torch
 
-from tests.helpers import ROOT, TRAIN_SMALL, run_train, script
+from tests.helpers import ROOT, TRAIN_SMALL, script, train_here
 
 
-def test_train_end_to_end_few_steps(tmp_path):
+def test_train_end_to_end_few_steps(tmp_path, monkeypatch):
+    """The loop of train.py, in this process: it steps, logs, evaluates, checkpoints, the weights move,
+    and the rollout engine samples from the weights just trained. The engine gets a copy of the policy
+    (as under torchrun), so that the weight sync is a copy and not a no-op, and can be checked."""
+    import copy
+    import rollout
     import train
+    engines, real = [], rollout.make_engine
+
+    def engine_on_a_copy(kind, model, *args, **kw):
+        engines.append(real(kind, copy.deepcopy(model), *args, **kw))
+        return engines[-1]
+    monkeypatch.setattr(rollout, "make_engine", engine_on_a_copy)
     out = str(tmp_path / "run")
     train.main(TRAIN_SMALL + ["--max_steps", "3", "--out_dir", out, "--method", "hapo"])
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
@@ -27,10 +39,16 @@ def test_train_end_to_end_few_steps(tmp_path):
     ckpt = open(os.path.join(out, "latest")).read().strip()
     assert ckpt == "step_000003"
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    AutoModelForCausalLM.from_pretrained(os.path.join(out, ckpt)), AutoTokenizer.from_pretrained(os.path.join(out, ckpt))
+    trained = AutoModelForCausalLM.from_pretrained(os.path.join(out, ckpt)).state_dict()
+    AutoTokenizer.from_pretrained(os.path.join(out, ckpt))
+    from models import load_model, resolve_model
+    base = load_model(resolve_model("tiny"))[0].state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)  # the optimizer stepped
+    sampler = engines[0].model.state_dict()
+    assert len(engines) == 1 and all(torch.equal(sampler[k], trained[k]) for k in trained)  # and the engine has it
 
 
-def test_train_bad_input_one_line_errors(tmp_path):
+def test_train_bad_input_one_line_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "result": "2"}\n')
     cases = [(["--bogus_flag", "1"], "unrecognized arguments"),
@@ -38,12 +56,13 @@ def test_train_bad_input_one_line_errors(tmp_path):
              (["--data", str(bad)], "bad.jsonl"),
              (["--method", "ppo"], "--method")]
     for args, words in cases:
-        r = run_train(*args, "--out_dir", str(tmp_path / "o"))
+        r = train_here(capsys, *args, "--out_dir", str(tmp_path / "o"))
         assert r.returncode == 2, (args, r.stderr)
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and words in lines[0], (args, r.stderr)
 
 
+@pytest.mark.slow
 def test_experiment_script_smoke(tmp_path, capsys):
     experiment = script("experiment")
     out = str(tmp_path / "exp")
@@ -59,6 +78,7 @@ def test_experiment_script_smoke(tmp_path, capsys):
     assert os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl")) == before
 
 
+@pytest.mark.slow
 def test_probe_script_smoke(capsys):
     probe = script("probe")
     logliks = {}
@@ -73,12 +93,13 @@ def test_probe_script_smoke(capsys):
 
 
 def test_readme_files_table_and_references_match_the_repository():
-    """The README's files table is scripts/files_table.py's (line counts of today), and every file the
-    README and docs/ name exists in the repository."""
+    """The README's files table and reading path are scripts/files_table.py's (line counts of today),
+    and every file the README and docs/ name exists in the repository."""
     import glob
     import re
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert script("files_table").table() in readme, "run python scripts/files_table.py and paste its table"
+    assert script("files_table").reading_path() in readme, "paste the reading path files_table.py prints"
     for doc in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
         named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
         places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
@@ -87,14 +108,15 @@ def test_readme_files_table_and_references_match_the_repository():
         assert not missing, (doc, missing)
 
 
-def test_train_logs_completions_and_mirrors_metrics_to_tensorboard(tmp_path):
+@pytest.mark.slow
+def test_train_logs_completions_and_mirrors_metrics_to_tensorboard(tmp_path, capsys):
     """completions.jsonl gets a few samples with rewards and teacher flags; --report_to tensorboard
     writes the same scalars as metrics.jsonl at the same steps."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "run")
-    r = run_train(*TRAIN_SMALL, "--max_steps", "2", "--out_dir", out, "--report_to", "tensorboard",
-                  "--log_completions_every", "1")
+    r = train_here(capsys, *TRAIN_SMALL, "--max_steps", "2", "--out_dir", out, "--report_to", "tensorboard",
+                   "--log_completions_every", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
     train_rows = [row for row in rows if not row.get("eval")]

@@ -63,6 +63,7 @@ def test_micro_batches_equal_whole_batch(method, split):
         assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_fused_logprobs_forward_and_backward_peak_memory_far_below_naive():
     """The fused function never holds the [B, T, V] logits or their gradient: at Qwen's vocabulary
     (2 x 512 positions, 622 MB of fp32 logits) its peak is a fraction of the naive one's."""
@@ -75,6 +76,28 @@ def test_fused_logprobs_forward_and_backward_peak_memory_far_below_naive():
         peak[kind] = float(out.stdout.split()[0])
     assert peak["naive"] > 1200, peak  # the logits, their log_softmax and their gradient
     assert peak["fused"] < 0.25 * peak["naive"], peak  # measured: 1,789 MB naive, 306 MB fused
+
+
+def test_optimizer_step_is_the_same_however_the_batch_is_cut():
+    """update.optimize divides each micro-batch's loss by the token count of the whole batch (Eq. 8),
+    not by its own: cut into runs of 3 rows, under a token budget, or packed, one SGD step moves the
+    weights as the whole batch in one piece does, and logs the whole batch's loss and gradient norm."""
+    from tests.test_options import _cfg
+    from parallel import Dist, Policy
+    batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
+    whole, _ = batch_loss(tiny_qwen2(seed=4).double(), batch, "hapo", batch.num_tokens())
+    ref = None
+    for kw in ({}, {"micro_batch": 3}, {"micro_batch_tokens": 30}, {"micro_batch_tokens": 30, "pack": True}):
+        cfg = _cfg(grad_clip=1e9, **kw)  # no clipping: the step is the gradient itself
+        assert (len(update.micro_batches(batch, cfg)[0]) > 1) == bool(kw)  # {}: one piece, the others: several
+        model = tiny_qwen2(seed=4).double()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        m = update.optimize(Policy(model), opt, batch, cfg, Dist(), lr=1.0)
+        weights = [p.detach().clone() for p in model.parameters()]
+        ref = ref or (m, weights)
+        assert m["train/loss"] == pytest.approx(whole.item(), abs=1e-9), kw
+        assert m["train/grad_norm"] == pytest.approx(ref[0]["train/grad_norm"], rel=1e-9), kw
+        assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(weights, ref[1])), kw
 
 
 def test_first_of_several_updates_has_ratio_exactly_one():
@@ -125,6 +148,7 @@ def test_chunked_logprobs_equal_log_softmax():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ga, gb))
 
 
+@pytest.mark.slow
 def test_train_resume_is_exact(tmp_path):
     """b exports its policy in bf16 and resumes exactly all the same: resume reads the fp32 shards."""
     import train
@@ -147,6 +171,7 @@ def test_train_resume_is_exact(tmp_path):
         == {torch.float32}
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_step_equals_one_process(tmp_path):
     driver = os.path.join(DRIVERS, "two_ranks_step.py")

@@ -1,17 +1,13 @@
-"""Tier 3: eval.py, the paper's Table 1 on files of both layouts. avg@k and pass@1 by hand, the
-real command on the tiny model, and a scripted engine for what must hold exactly: one score per
+"""eval.py, the paper's Table 1 on files of both layouts. avg@k and pass@1 by hand, the real
+command on the tiny model (in this process), and a scripted engine for what must hold exactly: one score per
 benchmark, resume without regenerating finished problems, one-line errors."""
 
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-
-from tests.helpers import ROOT
 
 
 def _write_benchmarks(tmp_path):
@@ -103,16 +99,15 @@ def test_metrics_by_hand():
     assert s["accuracy"] == s["avg_at_k"] == s["pass_at_1"] == 0.75 and (s["n_problems"], s["k"]) == (4, 1)
 
 
-def test_cli_tiny_model_both_layouts(tmp_path):
-    """The real command: tiny model, HF engine, a .jsonl and a two-benchmark parquet."""
+def test_cli_tiny_model_both_layouts(tmp_path, capsys):
+    """The real command, in this process: tiny model, HF engine, a .jsonl and a two-benchmark parquet."""
+    import eval
     from reward import extract_boxed, reward
     flat, luffy = _write_benchmarks(tmp_path)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--benchmarks", flat, luffy,
-                        "--k", "2", "--max_new_tokens", "8", "--out_dir", str(out), "--rollout", "hf"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "| benchmark | problems | k | avg@k (%) | pass@1 (%) |" in p.stdout
+    eval.main(["--model", "tiny", "--benchmarks", flat, luffy, "--k", "2", "--max_new_tokens", "8",
+               "--out_dir", str(out), "--rollout", "hf"])  # returns: no SystemExit, the exit code 0
+    assert "| benchmark | problems | k | avg@k (%) | pass@1 (%) |" in capsys.readouterr().out
     summary, samples = _check_summary_matches_samples(out)
     assert {b: (s["n_problems"], s["k"]) for b, s in summary.items()} == \
         {"arith": (5, 2), "toy_a": (3, 2), "toy_b": (4, 2)}

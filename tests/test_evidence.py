@@ -153,6 +153,7 @@ def test_shipped_base_model_solves_the_easy_share_and_none_of_the_hard():
 # scripts/experiment.py --preset evidence: the one command, cut to seconds
 
 
+@pytest.mark.slow
 def test_evidence_experiment_smoke(tmp_path, capsys):
     """The preset's pipeline end to end at toy size: runs, per-part eval, table, figure, resume."""
     experiment = script("experiment")

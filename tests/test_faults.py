@@ -1,7 +1,11 @@
 """Tier 3: what a run survives. Each test is a fault an operator causes: a learning rate that makes
 the loss non-finite, SIGTERM and Ctrl-C, a reused out_dir, two runs at once, a full disk, damaged
 checkpoints, a changed config on resume, bad flags, an oversized prompt, leftovers of killed writes.
-A run must lose at most one step and never the last good checkpoint."""
+A run must lose at most one step and never the last good checkpoint.
+
+train.py runs in this process (train_here) unless the process boundary is the point: a signal, and
+the out_dir lock held by another process. One uninterrupted 6-step run and one 2-step run serve the
+whole module."""
 
 import json
 import os
@@ -15,7 +19,7 @@ import pytest
 import torch
 
 import checkpoint
-from tests.helpers import ROOT, TRAIN_SMALL, metrics, run_train
+from tests.helpers import ROOT, TRAIN_SMALL, metrics, train_here
 
 FAST = TRAIN_SMALL + ["--eval_every", "100", "--log_completions_every", "0"]
 
@@ -35,16 +39,16 @@ def _finite(ckpt):
 
 
 @pytest.mark.slow
-def test_non_finite_updates_are_skipped_then_the_run_stops_naming_the_last_good_checkpoint(tmp_path):
+def test_non_finite_updates_are_skipped_then_the_run_stops_naming_the_last_good_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    r = run_train(*FAST, "--lr", "1e3", "--max_steps", "12", "--save_every", "1", "--out_dir", out)
+    r = train_here(capsys, *FAST, "--lr", "1e3", "--max_steps", "12", "--save_every", "1", "--out_dir", out)
     line = _one_line(r, ["not finite for 3 steps in a row", "last good checkpoint is", "step_"], code=1)
     rows = metrics(out)[1:]
     assert any(row["train/skipped_updates"] for row in rows) and len(rows) < 12
     ckpts = [d for d in os.listdir(out) if d.startswith("step_")]
     assert ckpts and all(_finite(os.path.join(out, d)) for d in ckpts)  # never a non-finite model
     assert os.path.join(out, open(os.path.join(out, "latest")).read().strip()) in line
-    r = run_train(*FAST, "--lr", "1e-4", "--max_steps", str(len(rows) + 1), "--out_dir", out, "--resume")
+    r = train_here(capsys, *FAST, "--lr", "1e-4", "--max_steps", str(len(rows) + 1), "--out_dir", out, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -68,14 +72,30 @@ def _wait_for_step(out, step, proc, timeout=240):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The metrics of a 6-step run that nothing stops: what a stopped-and-resumed run must log."""
+    import train
     out = str(tmp_path_factory.mktemp("uninterrupted") / "a")
-    assert run_train(*FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", out).returncode == 0
+    train.main(FAST + ["--max_steps", "6", "--save_every", "100", "--out_dir", out])
     return metrics(out)
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A finished 2-step run with a checkpoint at each step; tests change a copy (finished_run)."""
+    import train
+    out = str(tmp_path_factory.mktemp("two_steps") / "run")
+    train.main(FAST + ["--max_steps", "2", "--save_every", "1", "--out_dir", out])
+    return out
+
+
+@pytest.fixture
+def finished_run(two_step_run, tmp_path):
+    """This test's copy of the 2-step run."""
+    return shutil.copytree(two_step_run, str(tmp_path / "run"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, sig, uninterrupted):
+def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, sig, uninterrupted, capsys):
     b = str(tmp_path / "b")
     proc = _start(b, "--max_steps", "6", "--save_every", "100")
     _wait_for_step(b, 2, proc)
@@ -85,20 +105,22 @@ def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, si
     line = _one_line(r, [f"stopped by {sig.name}", "checkpoint", "--resume"], code=128 + sig)
     stopped = int(line.split("after step ")[1].split(";")[0])
     assert 2 <= stopped < 6 and open(os.path.join(b, "latest")).read() == f"step_{stopped:06d}"
-    assert run_train(*FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", b, "--resume").returncode == 0
+    r = train_here(capsys, *FAST, "--max_steps", "6", "--save_every", "100", "--out_dir", b, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
     mb = metrics(b)
     assert [r["step"] for r in mb] == list(range(7))
     for ra, rb in zip(uninterrupted, mb):
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-9), ra["step"]
 
 
-def test_a_fresh_run_refuses_an_out_dir_that_holds_a_run(tmp_path):
-    out = str(tmp_path / "run")
-    assert run_train(*FAST, "--max_steps", "2", "--save_every", "1", "--out_dir", out).returncode == 0
+@pytest.mark.slow
+def test_a_fresh_run_refuses_an_out_dir_that_holds_a_run(finished_run, capsys):
+    out = finished_run  # a finished 2-step run, --save_every 1
     before = open(os.path.join(out, "metrics.jsonl")).read()
-    _one_line(run_train(*FAST, "--max_steps", "2", "--out_dir", out), ["already holds a run", "--resume", "--overwrite"])
+    _one_line(train_here(capsys, *FAST, "--max_steps", "2", "--out_dir", out),
+              ["already holds a run", "--resume", "--overwrite"])
     assert open(os.path.join(out, "metrics.jsonl")).read() == before  # nothing truncated
-    r = run_train(*FAST, "--max_steps", "1", "--out_dir", out, "--overwrite")
+    r = train_here(capsys, *FAST, "--max_steps", "1", "--out_dir", out, "--overwrite")
     assert r.returncode == 0 and sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_000001"]
 
 
@@ -127,19 +149,19 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_is_not(tmp_path):
+def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_is_not(tmp_path, capsys):
     out = str(tmp_path / "run")
-    first = _start(out, "--max_steps", "40")
+    first = _start(out, "--max_steps", "40")  # another process holds the lock
     try:
         _wait_for_step(out, 1, first)
-        _one_line(run_train(*FAST, "--max_steps", "2", "--out_dir", out, "--resume"),
+        _one_line(train_here(capsys, *FAST, "--max_steps", "2", "--out_dir", out, "--resume"),
                   ["another run", f"pid {first.pid}", "--out_dir"])
     finally:
         first.kill()
         first.wait()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "lock").write_text("99999999")  # a dead process's: its flock died with it
-    assert run_train(*FAST, "--max_steps", "1", "--out_dir", str(tmp_path / "other")).returncode == 0
+    assert train_here(capsys, *FAST, "--max_steps", "1", "--out_dir", str(tmp_path / "other")).returncode == 0
 
 
 @pytest.fixture
@@ -161,12 +183,12 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(small_disk):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(small_disk, capsys):
     # a checkpoint of the tiny model is ~14 MB: the exported weights (3.3 MB) and the shards (weights 3.3 MB,
     # AdamW's two moments 6.6 MB); the third is written before the first is pruned: 35 MB hold two
     for mb, saved in ((3, 0), (35, 2)):
         out = small_disk(mb)
-        r = run_train(*FAST, "--max_steps", "6", "--save_every", "1", "--out_dir", out)
+        r = train_here(capsys, *FAST, "--max_steps", "6", "--save_every", "1", "--out_dir", out)
         _one_line(r, ["no space left on device", "partial files removed", "last good checkpoint"], code=1)
         left = sorted(os.listdir(out))
         assert not [d for d in left if ".tmp" in d], left
@@ -175,8 +197,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(s
             latest = open(os.path.join(out, "latest")).read()
             assert _finite(os.path.join(out, latest))
             shutil.rmtree(os.path.join(out, sorted(d for d in left if d.startswith("step_"))[0]))  # room again
-            r = run_train(*FAST, "--max_steps", str(int(latest[5:]) + 1), "--save_every", "100", "--out_dir", out,
-                          "--resume")
+            r = train_here(capsys, *FAST, "--max_steps", str(int(latest[5:]) + 1), "--save_every", "100",
+                           "--out_dir", out, "--resume")
             assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -185,7 +207,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, ca
     from models import load_model
     from parallel import Dist
     base = str(tmp_path / "base")
-    assert run_train(*FAST, "--max_steps", "4", "--save_every", "2", "--out_dir", base).returncode == 0
+    assert train_here(capsys, *FAST, "--max_steps", "4", "--save_every", "2", "--out_dir", base).returncode == 0
     damage = {"truncated state.pt": (lambda d: _truncate(d, "step_000004/state.pt"), "step_000002"),
               "truncated weights": (lambda d: _truncate(d, "step_000004/model.safetensors"), "step_000002"),
               "missing state.pt": (lambda d: os.remove(os.path.join(d, "step_000004", "state.pt")), "step_000002"),
@@ -204,8 +226,8 @@ def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, ca
         assert path.endswith(survivor) and state["step"] == int(survivor[5:]), what
         assert len(warnings) == 1 and "step_000004" in warnings[0], (what, warnings)  # one line says what happened
     # and end to end: a run resumes past the damaged newest checkpoint, exactly as from the survivor
-    r = run_train(*FAST, "--max_steps", "5", "--save_every", "100", "--out_dir", str(tmp_path / "truncated_state.pt"),
-                  "--resume")
+    r = train_here(capsys, *FAST, "--max_steps", "5", "--save_every", "100", "--out_dir",
+                   str(tmp_path / "truncated_state.pt"), "--resume")
     assert r.returncode == 0 and "cannot resume from" in r.stderr, r.stderr[-2000:]
     assert [row["step"] for row in metrics(str(tmp_path / "truncated_state.pt"))] == list(range(6))
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
@@ -219,14 +241,14 @@ def _truncate(out, name):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(tmp_path):
-    out = str(tmp_path / "run")
-    assert run_train(*FAST, "--max_steps", "2", "--save_every", "2", "--out_dir", out).returncode == 0
+def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(finished_run, capsys, tmp_path):
+    out = finished_run  # a finished 2-step run
     for flag, value in (("--method", "grpo"), ("--group_size", "2"), ("--batch_prompts", "2"),
                         ("--data", "builtin:seed=1"), ("--seed", "1")):
-        _one_line(run_train(*FAST, "--max_steps", "3", "--out_dir", out, "--resume", flag, value),
+        _one_line(train_here(capsys, *FAST, "--max_steps", "3", "--out_dir", out, "--resume", flag, value),
                   ["--resume", flag.lstrip("-"), "mix two experiments"])
-    r = run_train(*FAST, "--max_steps", "3", "--out_dir", out, "--resume", "--lr", "1e-4", "--weight_decay", "0.1")
+    r = train_here(capsys, *FAST, "--max_steps", "3", "--out_dir", out, "--resume", "--lr", "1e-4",
+                   "--weight_decay", "0.1")
     assert r.returncode == 0 and "applying --lr 0.0001 (was 0.0005), --weight_decay 0.1 (was 0.0)" in r.stdout
     assert [row.get("train/lr") for row in metrics(out)] == [None, 5e-4, 5e-4, 1e-4]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -253,9 +275,9 @@ def test_bad_flags_are_one_line_before_any_work(flags, words, capsys):
     assert e.value.code == 2 and err.startswith("train.py: error: ") and "\n" not in err and words in err
 
 
-def test_out_dir_that_is_a_file_is_one_line(tmp_path):
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("")
-    _one_line(run_train("--out_dir", str(tmp_path / "f")), ["--out_dir", "is a file"])
+    _one_line(train_here(capsys, "--out_dir", str(tmp_path / "f")), ["--out_dir", "is a file"])
 
 
 def test_metrics_with_a_torn_last_line_are_repaired_on_resume(tmp_path):
@@ -278,6 +300,7 @@ def test_leftovers_of_killed_writes_are_cleaned(tmp_path):
     assert sorted(os.listdir(out)) == ["lock"]
 
 
+@pytest.mark.slow
 def test_eval_leaves_out_an_oversized_prompt_and_says_so(tmp_path, capsys):
     import eval
     import rollout

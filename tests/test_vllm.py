@@ -1,4 +1,4 @@
-"""The vLLM tier: rollout.VLLMEngine against vLLM itself (its CPU build in CI, `-m vllm`).
+"""The vLLM tier: rollout.VLLMEngine against vLLM itself (its CPU build in CI, `-m vllm --all`).
 
 Every test here carries `@needs_vllm`: marked `vllm`, and skipped where vLLM is not installed, so the
 main suite (which has no vLLM) skips them cleanly and the vLLM environment runs them. (A module-level
@@ -253,6 +253,7 @@ def _vllm_env():
 
 
 @needs_vllm
+@pytest.mark.slow
 def test_vllm_train_and_eval_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     r = run([sys.executable, os.path.join(ROOT, "train.py"), *_VLLM_SMALL, "--max_steps", "3", "--out_dir", out],
@@ -280,6 +281,7 @@ def test_vllm_train_and_eval_end_to_end(tmp_path):
 
 
 @needs_vllm
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_vllm_two_ranks_external_launcher(tmp_path):
     model_dir = tmp_path / "model"
