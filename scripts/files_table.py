@@ -1,6 +1,7 @@
 """Print the README's files table and reading path with today's line counts (the README's test checks both).
 
-    python scripts/files_table.py
+    python scripts/files_table.py            # print them
+    python scripts/files_table.py --write    # and put them into README.md in place of the old ones
 """
 import os
 import sys
@@ -23,16 +24,17 @@ WHAT = {  # path -> what it holds; the order is the README's
     "tiny.py": "the built-in model: byte-level tokenizer, tiny Qwen2, its pretraining (`python tiny.py` rebuilds)",
     "models.py": "loading a policy: hub id, local dir, training out_dir, or `tiny` (train.py and eval.py)",
     "parallel.py": "distributed state as a value, metric reduction, FSDP2",
-    "checkpoint.py": "atomic checkpoints, RNG state, exact resume, fallback, the out_dir lock, preemption",
+    "checkpoint.py": "atomic sharded checkpoints (every rank writes its shard) + the save_pretrained export, exact resume, fallback, the out_dir lock, preemption",
+    "plan.py": "will a run fit: memory per GPU, per node and on disk from config.json alone (`--plan`)",
     "tracking.py": "metrics.jsonl, completions.jsonl, torn-line repair, optional trackers",
     "evaluation.py": "avg@k and pass@1, `evaluate` (train.py's and eval.py's)",
     "eval.py": "the command: the paper's Table 1 on benchmark files, resumable",
     "test_hapo.py": "the suite's entry point: tier 1 by hand here, the rest from tests/",
     "conftest.py": "the suite's two speeds: `--all` adds tier 3 (the tests marked slow)",
-    "tests/": "the tiers' modules, the reward's case tables, child-process drivers",
+    "tests/": "the tiers' modules, the reward's case tables, child-process drivers, the 7B/1.5B configs (no weights)",
     "scripts/": "experiment.py (Figure 2, several seeds), probe.py, files_table.py",
     "benchmarks/": "bench.py (against TRL), rollout_speed.py, gpu_check.py, their requirements",
-    "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, BENCH.md, TESTING.md, REWARD.md, VLLM.md, figures",
+    "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, BENCH.md, TESTING.md, REWARD.md, VLLM.md, SCALE.md, CHECKPOINTS.md, figures",
     "tiny_base/": "the shipped base model (3.2 MB) and its build record",
 }
 
@@ -63,3 +65,12 @@ if __name__ == "__main__":
     print(table())
     print()
     print(reading_path())
+    if "--write" in sys.argv[1:]:
+        path = os.path.join(ROOT, "README.md")
+        old = open(path).read().split("\n")
+        rows = [i for i, line in enumerate(old) if line.startswith("| `") and line.count("|") == 4]
+        path_line = [i for i, line in enumerate(old) if line.startswith("`gate.py` (")]
+        for i in path_line:  # above the table: its index holds
+            old[i] = reading_path() + "."
+        new = old[:rows[0]] + table().split("\n") + old[rows[-1] + 1:]
+        open(path, "w").write("\n".join(new))

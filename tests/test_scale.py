@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
+from tests.test_vllm import needs_vllm
 
 DATA = os.path.join(ROOT, "tests", "data")
 QWEN_7B, QWEN_15B = os.path.join(DATA, "qwen2.5-math-7b"), os.path.join(DATA, "qwen2.5-math-1.5b")
@@ -178,7 +179,7 @@ def test_weight_sync_names_and_shapes_are_what_vllm_loads(path):
         vllm_load(stream + [("model.layers.0.self_attn.qkv.weight", (8, 8))], config)
 
 
-@pytest.mark.vllm
+@needs_vllm
 def test_vllm_qwen2_loader_mapping_is_the_one_rehearsed():
     """VLLM_STACKED is what the installed vLLM's Qwen2 loader maps, read from its source."""
     import vllm.model_executor.models.qwen2 as qwen2
