@@ -94,7 +94,8 @@ def test_probe_script_smoke(capsys):
 
 def test_readme_files_table_and_references_match_the_repository():
     """The README's files table and reading path are scripts/files_table.py's (line counts of today),
-    and every file the README and docs/ name exists in the repository."""
+    and every file the README and docs/ name exists in the repository (a `vllm/...` path names a file
+    of the installed vLLM package, which docs/VLLM.md reads from)."""
     import glob
     import re
     readme = open(os.path.join(ROOT, "README.md")).read()
@@ -104,7 +105,8 @@ def test_readme_files_table_and_references_match_the_repository():
         named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
         places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
                   os.path.join(ROOT, "tests"))
-        missing = {n for n in named if not any(os.path.exists(os.path.join(p, n)) for p in places)}
+        missing = {n for n in named if not n.startswith("vllm/")
+                   and not any(os.path.exists(os.path.join(p, n)) for p in places)}
         assert not missing, (doc, missing)
 
 
