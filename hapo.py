@@ -214,8 +214,8 @@ def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1
     is_weights = None
     if batch.sampler_logp is not None:
         level = is_level if is_cap is not None else "token"  # without a correction: the token ratio's max
-        ratio = rollout_ratio(old_logp.detach(), batch.sampler_logp, on_policy, level,
-                              segment_ids(mask.shape, batch.position_ids)).detach()  # [b, L-1]
+        segments = segment_ids(mask.shape, batch.position_ids)  # [b, L-1]: the trajectory of each position
+        ratio = rollout_ratio(old_logp.detach(), batch.sampler_logp, on_policy, level, segments).detach()  # [b, L-1]
         if is_cap is not None:
             is_weights, changed = correction_weights(ratio, is_cap, is_mode)  # [b, L-1], [b, L-1]
     loss = hapo_loss(logp, old_logp, batch.advantages, mask, batch.teacher, clip_eps=clip_eps,
@@ -230,7 +230,8 @@ def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1
     if batch.sampler_logp is not None:
         stats["gap_sum"] = ((old_logp - batch.sampler_logp).abs() * on_policy).sum()
         stats["gap_tokens"] = on_policy.sum()
-        stats["log_ppl_diff"], stats["kl_k3"] = mismatch_stats(old_logp.detach(), batch.sampler_logp, on_policy)
+        stats["log_ppl_diff"], stats["trajectories"], stats["kl_k3"] = mismatch_stats(
+            old_logp.detach(), batch.sampler_logp, on_policy, segments)
         on = on_policy > 0
         stats["is_ratio_max"] = ratio[on].max() if on.any() else torch.zeros((), device=ratio.device)
         if is_weights is not None:

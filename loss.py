@@ -259,10 +259,17 @@ def correction_weights(ratio, cap, mode="truncate"):
     raise ValueError(f"rollout correction mode must be 'truncate' or 'mask', got {mode!r}")
 
 
-def mismatch_stats(old_logp, sampler_logp, mask):
-    """Sums over the tokens in mask, divided out over the step in update.py: (trainer minus sampler
-    log-perplexity, i.e. sum of log pi_sampler - log pi_old; k3 estimate of KL(sampler || trainer),
-    r - 1 - log r with r = pi_old / pi_sampler, non-negative per token)."""
+def mismatch_stats(old_logp, sampler_logp, mask, segments=None):
+    """Sums over the tokens in mask, divided out over the step in update.py: (the trajectories' log
+    perplexity differences summed, each the mean over its tokens of log pi_sampler - log pi_old,
+    i.e. the trainer's log-perplexity minus the sampler's, as verl's log_ppl_diff; the number of
+    trajectories; the k3 estimate of KL(sampler || trainer) summed over tokens, r - 1 - log r with
+    r = pi_old / pi_sampler, non-negative at each token)."""
     log_r = (old_logp - sampler_logp) * mask  # [B, T]
     k3 = (torch.exp(log_r) - 1 - log_r) * mask  # [B, T]; 0 where masked (r = 1 there)
-    return -log_r.sum(), k3.sum()
+    segments = torch.zeros_like(log_r, dtype=torch.long) if segments is None else segments.to(log_r.device)
+    per_seq = lambda x: torch.zeros(x.shape[0], int(segments.max()) + 1, dtype=x.dtype,
+                                    device=x.device).scatter_add_(1, segments, x)  # [B, S]
+    tokens, diff = per_seq(mask.to(log_r.dtype)), per_seq(-log_r)  # [B, S], [B, S]
+    has = tokens > 0
+    return (diff[has] / tokens[has]).sum(), has.sum(), k3.sum()

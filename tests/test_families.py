@@ -180,11 +180,15 @@ def test_rollout_correction_sequence_level_in_a_packed_row_is_per_trajectory():
 
 
 def test_mismatch_metrics_by_hand():
-    """log-perplexity difference: mean of log pi_sampler - log pi_old; k3 KL: mean of r - 1 - log r."""
-    ppl, k3 = mismatch_stats(_OLD, _SAMPLER, _MASK)
-    assert ppl.item() == pytest.approx(-0.7)  # sum over 4 tokens of (sampler - old)
-    r = [1.0, -0.5, 0.2, 0.0]
-    assert k3.item() == pytest.approx(sum(math.exp(x) - 1 - x for x in r))
+    """log-perplexity difference: per trajectory, the mean over its tokens of log pi_sampler - log pi_old
+    (verl's log_ppl_diff), summed with the count of trajectories; k3 KL: r - 1 - log r summed over tokens."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    seg = torch.tensor([[0, 0, 0, 1]])  # two trajectories in a packed row; position 2 is a prompt's
+    ppl, n, k3 = mismatch_stats(_OLD, _SAMPLER, mask, seg)
+    assert n.item() == 2 and ppl.item() == pytest.approx((-1.0 + 0.5) / 2 + 0.0)
+    assert k3.item() == pytest.approx(sum(math.exp(x) - 1 - x for x in [1.0, -0.5, 0.0]))
+    ppl, n, _ = mismatch_stats(_OLD, _SAMPLER, _MASK)  # one trajectory a row
+    assert n.item() == 1 and ppl.item() == pytest.approx(-0.7 / 4)
 
 
 def test_rollout_correction_reaches_the_loss_and_the_step_metrics():
@@ -213,7 +217,9 @@ def test_rollout_correction_reaches_the_loss_and_the_step_metrics():
     changed = ((seq_ratio > 1.5) * on).sum() / on.sum()
     assert m["train/is_corrected_frac"] == pytest.approx(changed.item()) and 0 < changed < 1
     assert m["train/is_ratio_max"] == pytest.approx(seq_ratio.max().item())
-    assert m["train/log_ppl_diff"] == pytest.approx((-(shift * on).sum() / on.sum()).item())
+    sampled = on.sum(dim=1) > 0  # the teacher's rows have no on-policy token
+    per_row = -(shift * on).sum(dim=1)[sampled] / on.sum(dim=1)[sampled]
+    assert m["train/log_ppl_diff"] == pytest.approx(per_row.mean().item()) and (~sampled).any()
     assert m["train/kl_k3"] == pytest.approx(((shift.exp() - 1 - shift) * on).sum().item() / on.sum().item())
 
 
