@@ -321,3 +321,52 @@ def test_family_train_py_on_vllm(tmp_path, family):
     for row in rows[1:]:
         assert row["train/grad_norm"] > 0 and abs(row["train/log_ppl_diff"]) < 1e-3 and row["train/kl_k3"] < 1e-4
         assert row["train/is_corrected_frac"] == 0.0, row  # fp32 on both sides: no trajectory above the cap
+
+
+# ----------------------------------------------------------------------------
+# chat templates: the teacher's tokens are the ones the policy would emit after the generation prompt
+
+# Qwen2's pre-tokenizer split (a fact of its tokenizer.json): newlines, words, digits and punctuation apart
+_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen_style_tokenizer(corpus):
+    """A byte-level BPE with Qwen's split, special tokens and chat template (tests/data/), its merges
+    learnt from `corpus` in milliseconds: merges that could cross the prompt/answer boundary exist."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = open(os.path.join(ROOT, "tests", "data", "qwen3_chat_template.jinja")).read()
+    return tok
+
+
+def test_chat_template_teacher_tokens_are_what_the_policy_would_produce_after_the_prompt():
+    """data.encode renders the messages through the chat template with its generation prompt and
+    tokenizes the teacher's text on its own: those ids, EOS included, are exactly the tokens of the
+    whole conversation after the prompt, as the template renders it with the teacher as the
+    assistant's turn (so the policy, writing that text after the prompt, emits those ids)."""
+    import data
+    from tests.helpers import box
+    problems = [data.Problem([{"role": "system", "content": "Put the final answer in \\boxed{}."},
+                              {"role": "user", "content": f"What is {a} + {b}?"}], str(a + b),
+                             f"<think>\nOkay, {a} + {b}: add the units first.\n</think>\n" + box(str(a + b)))
+                for a, b in ((12, 30), (7, 5), (100, 23))]
+    corpus = [m["content"] for p in problems for m in p.prompt] + [p.solution for p in problems] + ["assistant\n"] * 3
+    tok = qwen_style_tokenizer(corpus * 20)
+    encoded, _ = data.encode(tok, problems, None, None)
+    for p, e in zip(problems, encoded):
+        rendered = tok.apply_chat_template(p.prompt + [{"role": "assistant", "content": p.solution}], tokenize=False)
+        whole = tok(rendered, add_special_tokens=False)["input_ids"]
+        assert rendered.startswith(data.render_prompt(tok, p.prompt)) and e.prompt_ids[-1] != tok.eos_token_id
+        assert whole[:len(e.prompt_ids)] == e.prompt_ids  # the prompt is a prefix, token for token
+        assert whole[len(e.prompt_ids):len(e.prompt_ids) + len(e.solution_ids)] == e.solution_ids  # then the teacher + EOS
+        assert tok.decode(e.solution_ids) == p.solution + "<|im_end|>"
+        assert len(e.solution_ids) < len(p.solution.encode()) / 2  # merges happened: not a byte per token
