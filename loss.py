@@ -140,8 +140,9 @@ def sequence_logprobs(model, input_ids, attention_mask, chunk_size=1024, tempera
     Any causal LM: the decoder and the head come from transformers' own accessors (get_decoder,
     get_output_embeddings), tied or untied alike. The logits are computed here, from the head's weight
     alone, so a head with a bias or a final logit soft-cap (Gemma 2) is refused by models.check_family."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # [B, L, H]; no KV cache (it would also hide packing)
+    decoder = model.get_decoder()  # no KV cache below (it would also hide packing)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state  # [B, L, H]
     weight = model.get_output_embeddings().weight  # [V, H]
     return hidden_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], chunk_size, temperature, entropy)
 

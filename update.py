@@ -206,8 +206,9 @@ def _metrics(dist, loss, grad_norm, totals, skipped):
                     "train/ratio_max": all_max(dist, float(totals["ratio_max"]))})
     if "gap_sum" in sums:  # the sampler's log-probs came back: how far they are from the trainer's
         on = max(sums["gap_tokens"], 1.0)
-        out.update({"train/logprob_gap": sums["gap_sum"] / on, "train/log_ppl_diff": sums["log_ppl_diff"] / max(sums["trajectories"], 1.0),
-                    "train/kl_k3": sums["kl_k3"] / on, "train/is_ratio_max": all_max(dist, float(totals["is_ratio_max"]))})
+        out.update({"train/logprob_gap": sums["gap_sum"] / on, "train/kl_k3": sums["kl_k3"] / on,
+                    "train/log_ppl_diff": sums["log_ppl_diff"] / max(sums["trajectories"], 1.0),
+                    "train/is_ratio_max": all_max(dist, float(totals["is_ratio_max"]))})
     if "is_changed" in sums:
         out["train/is_corrected_frac"] = sums["is_changed"] / max(sums["gap_tokens"], 1.0)
     return out

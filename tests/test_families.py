@@ -367,6 +367,7 @@ def test_chat_template_teacher_tokens_are_what_the_policy_would_produce_after_th
         whole = tok(rendered, add_special_tokens=False)["input_ids"]
         assert rendered.startswith(data.render_prompt(tok, p.prompt)) and e.prompt_ids[-1] != tok.eos_token_id
         assert whole[:len(e.prompt_ids)] == e.prompt_ids  # the prompt is a prefix, token for token
-        assert whole[len(e.prompt_ids):len(e.prompt_ids) + len(e.solution_ids)] == e.solution_ids  # then the teacher + EOS
+        P = len(e.prompt_ids)
+        assert whole[P:P + len(e.solution_ids)] == e.solution_ids  # then the teacher's ids, EOS included
         assert tok.decode(e.solution_ids) == p.solution + "<|im_end|>"
         assert len(e.solution_ids) < len(p.solution.encode()) / 2  # merges happened: not a byte per token
