@@ -102,7 +102,8 @@ def reduce_metrics(d: Dist, sums: dict, means: dict) -> dict:
 class Policy(torch.nn.Module):
     """FSDP2's root module: policy(fn, *args) = fn(model, *args). FSDP2 gathers the root's parameters
     (embeddings, final norm, LM head) around the root's forward, but loss.sequence_logprobs calls
-    the decoder (get_decoder()) and reads the LM head itself: the LM's forward never runs, so this one wraps the loss."""
+    the decoder (get_decoder()) and reads the LM head itself: the LM's forward never runs, so this
+    one wraps the loss."""
 
     def __init__(self, model):
         super().__init__()
