@@ -267,7 +267,7 @@ def mismatch_stats(old_logp, sampler_logp, mask, segments=None):
     trajectories; the k3 estimate of KL(sampler || trainer) summed over tokens, r - 1 - log r with
     r = pi_old / pi_sampler, non-negative at each token)."""
     log_r = (old_logp - sampler_logp) * mask  # [B, T]
-    k3 = (torch.exp(log_r) - 1 - log_r) * mask  # [B, T]; 0 where masked (r = 1 there)
+    k3 = (torch.expm1(log_r) - log_r) * mask  # [B, T]; expm1: no cancellation when r is near 1
     segments = torch.zeros_like(log_r, dtype=torch.long) if segments is None else segments.to(log_r.device)
     per_seq = lambda x: torch.zeros(x.shape[0], int(segments.max()) + 1, dtype=x.dtype,
                                     device=x.device).scatter_add_(1, segments, x)  # [B, S]
