@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from gate import gate, ssi
-from loss import clip_stats, group_advantages, hapo_loss, sequence_logprobs
+from loss import (clip_stats, correction_weights, group_advantages, hapo_loss, mismatch_stats, rollout_ratio,
+                  segment_ids, sequence_logprobs)
 
 METHODS = {  # method -> (when to inject, how, teacher loss)
     "hapo": ("gated", "replace", "shaped"),
@@ -191,16 +192,17 @@ def pack(groups, adv, pad_id, mask_truncated=False):
 
 
 def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1, chunk_size=1024,
-               temperature=1.0, entropy_coef=0.0, clip=True, is_cap=None):
+               temperature=1.0, entropy_coef=0.0, clip=True, is_cap=None, is_level="token", is_mode="truncate"):
     """Forward the policy on a (micro-)batch: (Eq. 8's loss with the global normaliser, stats).
 
     With no old_logp the batch is used for exactly one update, so pi_theta_old = pi_theta and the
     ratio is 1 (its gradient still flows through logp). Log-probs are those of the distribution the
     rollouts were sampled from, logits / temperature. entropy_coef > 0 subtracts that times the
     token mean of the policy's entropy (LUFFY: 0.001). is_cap, with the engine's sampler log-probs in
-    the batch, weights each on-policy token by min(pi_old / pi_sampler, is_cap): the truncated
-    importance-sampling correction for a sampler whose numerics differ from the trainer's.
-    stats holds detached sums (entropy, tokens, clipping, sampler gap) that update.py adds up.
+    the batch, weights each on-policy token by the rollout correction for a sampler whose numerics
+    differ from the trainer's: the ratio pi_old / pi_sampler per token or per trajectory (is_level),
+    truncated at is_cap or masked above it (is_mode); token + truncate is TIS.
+    stats holds detached sums (entropy, tokens, clipping, sampler mismatch) that update.py adds up.
     """
     _, _, teacher_loss = check_method(method)
     logp, entropy = sequence_logprobs(model, batch.input_ids, batch.attention_mask, chunk_size, temperature,
@@ -210,8 +212,12 @@ def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1
     teacher = batch.teacher if batch.teacher.dim() == 2 else batch.teacher[:, None].expand_as(mask)  # [b, L-1]
     on_policy = mask * ~teacher  # [b, L-1]
     is_weights = None
-    if is_cap is not None and batch.sampler_logp is not None:
-        is_weights = torch.exp(old_logp - batch.sampler_logp).clamp(max=is_cap)  # [b, L-1]
+    if batch.sampler_logp is not None:
+        level = is_level if is_cap is not None else "token"  # without a correction: the token ratio's max
+        segments = segment_ids(mask.shape, batch.position_ids)  # [b, L-1]: the trajectory of each position
+        ratio = rollout_ratio(old_logp.detach(), batch.sampler_logp, on_policy, level, segments).detach()  # [b, L-1]
+        if is_cap is not None:
+            is_weights, changed = correction_weights(ratio, is_cap, is_mode)  # [b, L-1], [b, L-1]
     loss = hapo_loss(logp, old_logp, batch.advantages, mask, batch.teacher, clip_eps=clip_eps,
                      shaping_gamma=shaping_gamma, num_tokens=num_tokens, teacher_loss=teacher_loss or "shaped",
                      clip=clip, is_weights=is_weights)
@@ -224,4 +230,10 @@ def batch_loss(model, batch, method, num_tokens, clip_eps=0.2, shaping_gamma=0.1
     if batch.sampler_logp is not None:
         stats["gap_sum"] = ((old_logp - batch.sampler_logp).abs() * on_policy).sum()
         stats["gap_tokens"] = on_policy.sum()
+        stats["log_ppl_diff"], stats["trajectories"], stats["kl_k3"] = mismatch_stats(
+            old_logp.detach(), batch.sampler_logp, on_policy, segments)
+        on = on_policy > 0
+        stats["is_ratio_max"] = ratio[on].max() if on.any() else torch.zeros((), device=ratio.device)
+        if is_weights is not None:
+            stats["is_changed"] = (changed & on).sum()
     return loss, stats

@@ -135,9 +135,14 @@ def sequence_logprobs(model, input_ids, attention_mask, chunk_size=1024, tempera
     """Per-token log-probs of a causal LM: [B, L] ids -> [B, L-1] log pi(ids[:, t+1] | ids[:, :t+1]),
     at the sampling temperature; with entropy=True also the policy's entropy at each position.
     Packed rows (several sequences in one row) pass position_ids restarting at 0 for each sequence
-    and attention_mask=None: transformers then masks attention within each sequence."""
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # [B, L, H]; no KV cache (it would also hide packing)
+    and attention_mask=None: transformers then masks attention within each sequence.
+
+    Any causal LM: the decoder and the head come from transformers' own accessors (get_decoder,
+    get_output_embeddings), tied or untied alike. The logits are computed here, from the head's weight
+    alone, so a head with a bias or a final logit soft-cap (Gemma 2) is refused by models.check_family."""
+    decoder = model.get_decoder()  # no KV cache below (it would also hide packing)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state  # [B, L, H]
     weight = model.get_output_embeddings().weight  # [V, H]
     return hidden_logprobs(hidden[:, :-1], weight, input_ids[:, 1:], chunk_size, temperature, entropy)
 
@@ -212,3 +217,60 @@ def clip_stats(logp, old_logp, advantages, mask, clip_eps=0.2):
     on = mask > 0
     return (on.sum(), (clipped & on).sum(), (ratio * on).sum(),
             ratio[on].max() if on.any() else torch.zeros((), device=ratio.device))
+
+
+# ----------------------------------------------------------------------------
+# rollout correction: the sampler (vLLM) and the trainer compute different log-probs for the same
+# tokens; importance weights pi_old / pi_sampler correct the on-policy gradient for it (TRL's
+# vllm_importance_sampling_*, verl's rollout_correction). docs/ALGORITHM.md has the table of modes.
+
+
+def segment_ids(shape, position_ids=None):
+    """Which trajectory each [B, T] position belongs to, numbered within its row: all 0 for padded
+    rows (one trajectory a row), 0, 1, 2 ... for packed rows, whose position ids restart at 0."""
+    if position_ids is None:
+        return torch.zeros(shape, dtype=torch.long)
+    return (position_ids[:, :shape[1]] == 0).long().cumsum(dim=1) - 1  # [B, T]
+
+
+def rollout_ratio(old_logp, sampler_logp, mask, level="token", segments=None):
+    """The raw importance ratio pi_old / pi_sampler at each position [B, T]: per token, or, at
+    level="sequence", the product over the trajectory's tokens in mask (exp of the summed log-ratio),
+    the same value at each of its positions (TRL's sequence_* modes, verl's rollout_is=sequence)."""
+    log_ratio = (old_logp - sampler_logp) * mask  # [B, T]
+    if level == "sequence":
+        segments = torch.zeros_like(log_ratio, dtype=torch.long) if segments is None else segments.to(log_ratio.device)
+        per_seq = torch.zeros(log_ratio.shape[0], int(segments.max()) + 1, dtype=log_ratio.dtype,
+                              device=log_ratio.device).scatter_add_(1, segments, log_ratio)  # [B, S]
+        log_ratio = per_seq.gather(1, segments)  # [B, T]
+    elif level != "token":
+        raise ValueError(f"rollout correction level must be 'token' or 'sequence', got {level!r}")
+    return torch.exp(log_ratio)  # [B, T]
+
+
+def correction_weights(ratio, cap, mode="truncate"):
+    """(weights [B, T], changed [B, T] bool). truncate: min(ratio, cap) (TIS); mask: the ratio where
+    it is <= cap, 0 where it is above (the token or trajectory leaves the loss). changed marks where
+    ratio > cap, the positions the correction truncated or masked."""
+    changed = ratio > cap  # [B, T]
+    if mode == "truncate":
+        return ratio.clamp(max=cap), changed
+    if mode == "mask":
+        return ratio.masked_fill(changed, 0.0), changed
+    raise ValueError(f"rollout correction mode must be 'truncate' or 'mask', got {mode!r}")
+
+
+def mismatch_stats(old_logp, sampler_logp, mask, segments=None):
+    """Sums over the tokens in mask, divided out over the step in update.py: (the trajectories' log
+    perplexity differences summed, each the mean over its tokens of log pi_sampler - log pi_old,
+    i.e. the trainer's log-perplexity minus the sampler's, as verl's log_ppl_diff; the number of
+    trajectories; the k3 estimate of KL(sampler || trainer) summed over tokens, r - 1 - log r with
+    r = pi_old / pi_sampler, non-negative at each token)."""
+    log_r = (old_logp - sampler_logp) * mask  # [B, T]
+    k3 = (torch.expm1(log_r) - log_r) * mask  # [B, T]; expm1: no cancellation when r is near 1
+    segments = torch.zeros_like(log_r, dtype=torch.long) if segments is None else segments.to(log_r.device)
+    per_seq = lambda x: torch.zeros(x.shape[0], int(segments.max()) + 1, dtype=x.dtype,
+                                    device=x.device).scatter_add_(1, segments, x)  # [B, S]
+    tokens, diff = per_seq(mask.to(log_r.dtype)), per_seq(-log_r)  # [B, S], [B, S]
+    has = tokens > 0
+    return (diff[has] / tokens[has]).sum(), has.sum(), k3.sum()

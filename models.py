@@ -70,6 +70,24 @@ def check_positions(config, need: dict) -> None:
                         f"{longest} or more (and --rope_theta, e.g. 40000), which the trainer and vLLM both apply")
 
 
+def check_family(model) -> None:
+    """Refuse, in one DataError line, a causal LM whose logits are more than hidden @ head.weight^T:
+    loss.sequence_logprobs computes them itself. Gemma 2 soft-caps them (final_logit_softcapping);
+    a head with a bias would be silently dropped. What else a family needs happens inside its decoder
+    (get_decoder()): Qwen3's q/k norms, Gemma's scaled embeddings and attention soft-cap, Llama's
+    rope scaling. Untied heads (Llama) and tied ones (Qwen, Gemma) both go through
+    get_output_embeddings()."""
+    name = type(model).__name__
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        raise DataError(f"{name} soft-caps its logits (final_logit_softcapping={cap}), which hapo's fused "
+                        f"log-probs (loss.py) do not compute: not supported")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise DataError(f"{name} has {'no LM head' if head is None else 'an LM head with a bias'}: hapo's "
+                        f"fused log-probs (loss.py) take the head's weight alone: not supported")
+
+
 def load_model(path: str, need_weights: bool = True, dtype=None, attn_implementation=None, rope_theta=None,
                max_positions=None, meta=False):
     """(model or None, tokenizer) from resolve_model's answer. Weights are skipped when vLLM loads its

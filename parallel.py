@@ -107,7 +107,8 @@ def reduce_metrics(d: Dist, sums: dict, means: dict) -> dict:
 class Policy(torch.nn.Module):
     """FSDP2's root module: policy(fn, *args) = fn(model, *args). FSDP2 gathers the root's parameters
     (embeddings, final norm, LM head) around the root's forward, but loss.sequence_logprobs calls
-    model.model and reads the LM head itself: the LM's forward never runs, so this one wraps the loss."""
+    the decoder (get_decoder()) and reads the LM head itself: the LM's forward never runs, so this
+    one wraps the loss."""
 
     def __init__(self, model):
         super().__init__()
@@ -165,13 +166,25 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     hf.tie_weights()
 
 
+def decoder_layers(model) -> list:
+    """The blocks FSDP2 shards one by one: the modules of the classes the model lists in
+    `_no_split_modules` (transformers' "never split this block across devices": the decoder layers of
+    Qwen2, Qwen3, Llama, Gemma ...), whatever attribute path holds them."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} lists no decoder-layer class in _no_split_modules: "
+                         f"FSDP2 cannot shard it layer by layer")
+    return layers
+
+
 def shard(policy: Policy, d: Dist, bf16=None) -> None:
     """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 gradients on GPU
     (bf16=True asks for it elsewhere too: the CPU rehearsal of tests/test_scale.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     bf16 = d.device.type == "cuda" if bf16 is None else bf16
     mp = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}
-    for layer in policy.model.model.layers:
+    for layer in decoder_layers(policy.model):
         fully_shard(layer, mp_policy=MixedPrecisionPolicy(**mp))
     # the root's inputs are the batch (advantages, old log-probs): keep them fp32
     fully_shard(policy, mp_policy=MixedPrecisionPolicy(**mp, cast_forward_inputs=False))

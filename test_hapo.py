@@ -46,6 +46,7 @@ from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM its
 from tests.test_rehearsal import *  # noqa: E402,F401,F403  what the 7B recipe's first GPU run would hit (issue 21)
 from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers, the task variants, the experiment's smoke run
 from tests.test_scale import *  # noqa: E402,F401,F403  tier 3: the 7B and 1.5B recipes rehearsed on the CPU (plan.py)
+from tests.test_families import *  # noqa: E402,F401,F403  Qwen3, Llama, Gemma 3 in every tier; rollout-correction modes
 
 
 # ----------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def test_every_test_name_is_collected_once():
     import tests.test_eval
     import tests.test_evidence
     import tests.test_faults
+    import tests.test_families
     import tests.test_options
     import tests.test_reward
     import tests.test_rollout
@@ -219,7 +221,7 @@ def test_every_test_name_is_collected_once():
     import tests.test_vllm
     names = [n for m in (tests.test_reward, tests.test_options, tests.test_data, tests.test_equivalence, tests.test_rollout,
                          tests.test_end_to_end, tests.test_eval, tests.test_faults, tests.test_vllm, tests.test_evidence,
-                         tests.test_scale)
+                         tests.test_scale, tests.test_families)
              for n in vars(m) if n.startswith("test_")]
     names += [n for n, f in globals().items() if n.startswith("test_") and f.__module__ == __name__]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

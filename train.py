@@ -65,8 +65,10 @@ class Config:
     shaping_gamma: float = 0.1  # LUFFY's f(p) = p / (p + shaping_gamma)
     entropy_coef: float = 0.0  # entropy bonus on the token mean of the policy's entropy (LUFFY: 0.001)
     mask_truncated: bool = False  # leave completions that hit max_new_tokens without EOS out of the loss
-    is_correction: bool = False  # weight on-policy tokens by min(pi_old / pi_sampler, is_cap)
-    is_cap: float = 2.0  # the truncation of that importance weight
+    is_correction: bool = False  # weight on-policy tokens by the rollout correction pi_old / pi_sampler
+    is_level: str = "token"  # token | sequence: the ratio per token or per trajectory (product of its tokens')
+    is_mode: str = "truncate"  # truncate: min(ratio, is_cap) (TIS) | mask: 0 where ratio > is_cap
+    is_cap: float = 2.0  # the threshold of that importance ratio
     checker: str = "hapo"  # the reward's answer checker: hapo (reward.py's) | math_verify (published tables)
     max_new_tokens: int = 64  # rollout length limit
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted)
@@ -108,7 +110,8 @@ MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "ma
 
 CHOICES = {"method": sorted(hapo.METHODS), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
            "loss_norm": ("token_mean", "constant"), "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
-           "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "save_dtype": ("auto", "bf16", "fp32")}
+           "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "save_dtype": ("auto", "bf16", "fp32"),
+           "is_level": ("token", "sequence"), "is_mode": ("truncate", "mask")}
 
 
 def problems_with(cfg, world):
@@ -214,7 +217,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
     from evaluation import encode_prompts, evaluate
-    from models import check_positions, load_policy, position_overrides, resolve_model
+    from models import check_family, check_positions, load_policy, position_overrides, resolve_model
     from rollout import make_engine, resolve_engine, truncated
 
     lock, error = None, None
@@ -247,6 +250,7 @@ def main(argv=None):
         check_positions(model.config, {
             f"the longest prompt, {prompt_len}, + --max_new_tokens {cfg.max_new_tokens}": rollout_len,
             "the longest prompt and teacher solution": max(len(p.prompt_ids) + len(p.solution_ids) for p in problems)})
+        check_family(model)  # the logits loss.py computes are the model's own
         kind, why = resolve_engine(cfg.rollout)
     except (DataError, ImportError, CheckpointError) as e:
         fail(str(e), dist)

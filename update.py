@@ -115,6 +115,8 @@ def micro_batches(batch, cfg, dist=None):
 # ----------------------------------------------------------------------------
 # the update
 
+MAXIMA = {"ratio_max", "is_ratio_max"}  # stats whose micro-batches and ranks combine by max, not sum
+
 
 def autocast(dist):
     """bf16 autocast on one GPU; FSDP2 casts by itself (parallel.shard) and the CPU runs in fp32.
@@ -152,7 +154,7 @@ def optimize(policy, opt, batch, cfg, dist, lr):
 
     Reads cfg.method, .mini_batches, .micro_batch, .micro_batch_tokens, .pack, .clip_eps,
     .shaping_gamma, .chunk_size, .grad_clip, .temperature, .entropy_coef, .clip_on_policy,
-    .is_correction, .is_cap, .loss_norm, .max_new_tokens.
+    .is_correction, .is_cap, .is_level, .is_mode, .loss_norm, .max_new_tokens.
     """
     policy.train()
     micros = micro_batches(batch, cfg, dist)
@@ -173,11 +175,11 @@ def optimize(policy, opt, batch, cfg, dist, lr):
             with autocast(dist):
                 loss, stats = policy(batch_loss, mb, cfg.method, norm, cfg.clip_eps, cfg.shaping_gamma,
                                      cfg.chunk_size, cfg.temperature, cfg.entropy_coef, cfg.clip_on_policy,
-                                     cfg.is_cap if cfg.is_correction else None)
+                                     cfg.is_cap if cfg.is_correction else None, cfg.is_level, cfg.is_mode)
             (loss * dist.world).backward()
             loss_sum += loss.detach().double()
-            for k, v in stats.items():  # sums, but the ratio's max
-                if k == "ratio_max":
+            for k, v in stats.items():  # sums, but the ratios' max
+                if k in MAXIMA:
                     totals[k] = torch.maximum(totals[k], v) if k in totals else v
                 else:
                     totals[k] = totals.get(k, 0) + v.double()
@@ -196,12 +198,17 @@ def optimize(policy, opt, batch, cfg, dist, lr):
 def _metrics(dist, loss, grad_norm, totals, skipped):
     """The step's metrics from the stats summed over micro-batches, reduced over ranks."""
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped_updates": skipped}
-    sums = {k: all_sum(dist, float(v)) for k, v in totals.items() if k != "ratio_max"}
+    sums = {k: all_sum(dist, float(v)) for k, v in totals.items() if k not in MAXIMA}
     out["train/entropy"] = sums["entropy"] / max(sums["tokens"], 1.0)
     if "on_tokens" in sums:
         on = max(sums["on_tokens"], 1.0)
         out.update({"train/clip_frac": sums["clipped"] / on, "train/ratio_mean": sums["ratio_sum"] / on,
                     "train/ratio_max": all_max(dist, float(totals["ratio_max"]))})
-    if "gap_sum" in sums:
-        out["train/logprob_gap"] = sums["gap_sum"] / max(sums["gap_tokens"], 1.0)
+    if "gap_sum" in sums:  # the sampler's log-probs came back: how far they are from the trainer's
+        on = max(sums["gap_tokens"], 1.0)
+        out.update({"train/logprob_gap": sums["gap_sum"] / on, "train/kl_k3": sums["kl_k3"] / on,
+                    "train/log_ppl_diff": sums["log_ppl_diff"] / max(sums["trajectories"], 1.0),
+                    "train/is_ratio_max": all_max(dist, float(totals["is_ratio_max"]))})
+    if "is_changed" in sums:
+        out["train/is_corrected_frac"] = sums["is_changed"] / max(sums["gap_tokens"], 1.0)
     return out

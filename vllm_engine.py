@@ -44,10 +44,11 @@ def reload_on_worker(worker, weights) -> None:
 
     It processes a tensor shared by two layers through its first owner only (a limitation stated in
     vllm/model_executor/model_loader/reload/__init__.py). With tied embeddings the LM head's weight IS
-    embed_tokens.weight: its values are new, but what the head derived from it at load time is not. On
-    the CPU build that is a repacked GEMM copy, and greedy decoding kept the old head (0 of 16 prompts
-    agreed with HF): so each such layer's processing runs again here. On CUDA an unquantized head derives
-    nothing, and that call does nothing."""
+    the input embeddings': its values are new, but what the head derived from it at load time is not.
+    On the CPU build that is a repacked GEMM copy, and greedy decoding kept the old head (0 of 16
+    prompts agreed with HF): so each such layer's processing runs again here, found by parameter
+    identity, not by name (any family). On CUDA an unquantized head derives nothing, and that call
+    does nothing."""
     tied, quiet = _layers_without_own_weights(worker.get_model())
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     notices = _DropNotices(quiet)

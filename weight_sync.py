@@ -38,15 +38,14 @@ def weights_for_sync(model: torch.nn.Module, dtype: torch.dtype | None = None) -
 
     The order is the same on every rank, which FSDP2 needs: `full_tensor()` is a collective all-gather,
     so all ranks must call it for the same parameter at the same time. Only one gathered parameter is
-    alive at once if the consumer drops it before asking for the next. With tied embeddings
-    `lm_head.weight` is skipped: vLLM ignores it when loading and `model.embed_tokens.weight` carries it.
-    Buffers (rotary `inv_freq`) are not weights and are not pushed.
+    alive at once if the consumer drops it before asking for the next. With tied embeddings the LM
+    head's weight (`lm_head.weight` in Qwen, Llama and Gemma) is skipped: vLLM ignores it when loading
+    and the input embeddings carry it. Buffers (rotary `inv_freq`) are not weights and are not pushed.
     """
-    config = getattr(unwrap(model), "config", None)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    skip = tied_head_names(unwrap(model))
     for raw_name, param in model.named_parameters():
         name = hf_name(raw_name)
-        if tied and name == "lm_head.weight":
+        if name in skip:
             continue
         with torch.no_grad():  # closed before the yield, so grad mode never leaks into the consumer
             if hasattr(param, "full_tensor"):  # FSDP2 DTensor shard
@@ -56,3 +55,15 @@ def weights_for_sync(model: torch.nn.Module, dtype: torch.dtype | None = None) -
             else:
                 tensor = param.to(dtype or param.dtype)  # no copy when the dtype is already the one asked
         yield name, tensor.detach()
+
+
+def tied_head_names(model: torch.nn.Module) -> set[str]:
+    """The checkpoint names of the LM head's parameters when the config ties them to the input
+    embeddings, found through transformers' get_output_embeddings(), not a family's attribute name."""
+    config = getattr(model, "config", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None and getattr(config, "tie_word_embeddings", False) else None
+    if head is None:
+        return set()
+    prefix = next(hf_name(n) for n, m in model.named_modules() if m is head)
+    return {f"{prefix}.{n}" for n, _ in head.named_parameters()}

@@ -81,7 +81,8 @@ def test_entropy_against_categorical_and_temperature():
 def _cfg(**kw):
     base = dict(method="hapo", mini_batches=1, micro_batch=64, micro_batch_tokens=0, pack=False, clip_eps=0.2,
                 shaping_gamma=0.1, chunk_size=1024, grad_clip=1.0, temperature=1.0, entropy_coef=0.0,
-                clip_on_policy=True, is_correction=False, is_cap=2.0, loss_norm="token_mean", max_new_tokens=8,
+                clip_on_policy=True, is_correction=False, is_cap=2.0, is_level="token", is_mode="truncate",
+                loss_norm="token_mean", max_new_tokens=8,
                 lr=1e-3, lr_schedule="constant", warmup_steps=0, max_steps=10)
     return SimpleNamespace(**{**base, **kw})
 

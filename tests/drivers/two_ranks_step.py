@@ -1,7 +1,10 @@
 """Stages 3-7 of train.py on fixed groups, in one process or under torchrun; writes every step's metrics.
 
-    python tests/drivers/two_ranks_step.py OUT.json
-    torchrun --nproc_per_node 2 tests/drivers/two_ranks_step.py OUT.json
+    python tests/drivers/two_ranks_step.py OUT.json [MODEL_DIR SETTING,SETTING]
+    torchrun --nproc_per_node 2 tests/drivers/two_ranks_step.py OUT.json [MODEL_DIR SETTING,SETTING]
+
+MODEL_DIR (default: the built-in model) is any saved causal LM whose tokenizer is the built-in one
+(tests/test_families.py's Qwen3 and Llama); the settings default to all of SETTINGS.
 
 Each rank takes its strided share of the same global groups, as train.py shards prompts, so two
 ranks must reproduce one process: the loss, the gradient norm and every metric reduced over ranks.
@@ -50,10 +53,21 @@ def global_groups(step, n=4, uneven=False):
     return groups
 
 
+model_dir = sys.argv[2] if len(sys.argv) > 2 else None
+chosen = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SETTINGS)
+
+
+def new_model():
+    if model_dir is None:
+        return tiny.make_model(tok)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
 out = {}
-for name, extra in SETTINGS.items():
+for name, extra in ((k, SETTINGS[k]) for k in chosen):
     cfg = train.parse_args(["--batch_prompts", "4", "--group_size", "4", "--lr", "1e-2", *extra], dist)
-    policy = parallel.Policy(tiny.make_model(tok).to(dist.device))
+    policy = parallel.Policy(new_model().to(dist.device))
     if dist.world > 1:
         parallel.shard(policy, dist)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
