@@ -314,6 +314,30 @@ def load_state(path, state, model, opt, dist):
     set_rng_state(state["rng"][dist.rank])
 
 
+# fields a resumed run may change (and says so); any other change would mix two experiments
+MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "max_steps", "eval_every", "save_every",
+                        "save_dtype", "dist_timeout_min",
+                        "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
+                        "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
+                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn"}
+
+
+
+def check_resume(new: dict, old: dict, path: str) -> str:
+    """A resumed run's config (`new`) against its checkpoint's (`old`): raises CheckpointError (one line)
+    when a change would mix two experiments; returns the changes it applies, said in words ('' if none)."""
+    mixed = [k for k in new if k not in MAY_CHANGE_ON_RESUME and k in old and old[k] != new[k]]
+    if mixed:
+        k = mixed[0]
+        raise CheckpointError(f"--resume: {path} was trained with --{k} {old[k]}, not {new[k]}: that would mix two "
+                              "experiments (use another --out_dir, or the same flag)")
+    changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
+    scheduled = [s for s in ("gamma_schedule", "lr_schedule") if new[s] != "constant"]
+    if "max_steps" in old and old["max_steps"] != new["max_steps"] and scheduled:
+        changed.append(f"(the {' and '.join(scheduled)} now span the new --max_steps)")
+    return ", ".join(changed)
+
+
 # ----------------------------------------------------------------------------
 # preemption
 

@@ -12,20 +12,16 @@ Each step: rollout -> reward -> confidence and gate -> SSI -> advantages -> loss
 import argparse
 import dataclasses
 import inspect
-import json
 import os
-import random
 import re
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
 import checkpoint
 import data
 import hapo
+import launch
 import parallel
 import plan
 import task
@@ -35,7 +31,7 @@ import update
 from checkpoint import CheckpointError
 from data import DataError
 from gate import SCHEDULES, threshold
-from reward import CHECKERS, check_checker, reward
+from reward import CHECKERS, check_checker
 
 
 @dataclass
@@ -98,14 +94,6 @@ class Config:
     attn: str = "sdpa"  # attention: sdpa | eager | flash_attention_2/3 (their varlen kernels make --pack pay off)
     progress: bool = True  # tqdm bar
     plan: str = ""  # [NODESx]GPUSxGIB (8x80, 2x8x80): print whether this run fits, from config.json alone, and exit
-
-
-# fields a resumed run may change (and says so); any other change would mix two experiments
-MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "max_steps", "eval_every", "save_every",
-                        "save_dtype", "dist_timeout_min",
-                        "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
-                        "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
-                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn"}
 
 
 CHOICES = {"method": sorted(hapo.METHODS), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
@@ -178,21 +166,6 @@ def parse_args(argv, dist):
     return cfg
 
 
-def check_resume(cfg, old, path, dist):
-    """Refuse a resumed run whose config would mix two experiments; say which changes are applied."""
-    new = dataclasses.asdict(cfg)
-    mixed = [k for k in new if k not in MAY_CHANGE_ON_RESUME and k in old and old[k] != new[k]]
-    if mixed:
-        fail(f"--resume: {path} was trained with --{mixed[0]} {old[mixed[0]]}, not {new[mixed[0]]}: that would "
-             "mix two experiments (use another --out_dir, or the same flag)", dist)
-    changed = [f"--{k} {new[k]} (was {old[k]})" for k in new if k in old and old[k] != new[k] and k != "resume"]
-    scheduled = [s for s in ("gamma_schedule", "lr_schedule") if new[s] != "constant"]
-    if "max_steps" in old and old["max_steps"] != new["max_steps"] and scheduled:
-        changed.append(f"(the {' and '.join(scheduled)} now span the new --max_steps)")
-    if changed and dist.master:
-        print(f"resume: applying {', '.join(changed)}")
-
-
 def plan_only(cfg):
     """--plan: the memory table and its JSON line (plan.py); exit 0 whether or not the run fits."""
     from models import resolve_model
@@ -216,9 +189,8 @@ def main(argv=None):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
-    from evaluation import encode_prompts, evaluate
-    from models import check_family, check_positions, load_policy, position_overrides, resolve_model
-    from rollout import make_engine, resolve_engine, truncated
+    from evaluation import evaluate
+    from rollout import truncated
 
     lock, error = None, None
     if dist.master:  # rank 0 owns the out_dir; every rank learns whether it may start
@@ -228,77 +200,23 @@ def main(argv=None):
             error = str(e)
     if error := parallel.broadcast(dist, error):
         fail(error, dist)
-    torch.manual_seed(cfg.seed + dist.rank)
-    random.seed(cfg.seed + dist.rank)
-    np.random.seed(cfg.seed + dist.rank)
-    try:
-        load = lambda path: load_policy(path, dist, cfg.resume, cfg.attn, cfg.rope_theta,  # weights on rank 0
-                                        cfg.max_positions)  # or in the shards
-        if cfg.resume:
-            start_dir, model, tok, state = checkpoint.find_resumable(cfg.out_dir, load, dist)
-            check_resume(cfg, state["config"], start_dir, dist)
-        else:
-            start_dir, state = None, None
-            model, tok = load(resolve_model(cfg.model))
-        score = lambda completion, answer: reward(completion, answer, cfg.checker)
-        problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
-                                                              cfg.max_solution_tokens, cfg.eval_problems, score)
-        # the longest sequences of the run, from the data kept, not from the flags (the built-in model's 512
-        # positions are fewer than the default 1,024 + 64); vLLM's max_model_len is the rollouts' longest
-        prompt_len = max(len(ids) for ids in [p.prompt_ids for p in problems] + encode_prompts(tok, held))
-        rollout_len = prompt_len + cfg.max_new_tokens
-        check_positions(model.config, {
-            f"the longest prompt, {prompt_len}, + --max_new_tokens {cfg.max_new_tokens}": rollout_len,
-            "the longest prompt and teacher solution": max(len(p.prompt_ids) + len(p.solution_ids) for p in problems)})
-        check_family(model)  # the logits loss.py computes are the model's own
-        kind, why = resolve_engine(cfg.rollout)
-    except (DataError, ImportError, CheckpointError) as e:
+    try:  # the policy, the data, the engine, FSDP2, the optimizer, a resumed state (launch.py)
+        run = launch.start(cfg, dist)
+    except (DataError, CheckpointError, ImportError, ValueError) as e:
         fail(str(e), dist)
-    if dist.master:
-        print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        print(f"data: {json.dumps(stats)}; held-out problems: {len(held)}")
-        print(f"rollout engine: {kind} ({why})")
-    # the rollout engine first: vLLM must claim its GPU memory before the trainer does; under FSDP2
-    # every rank would have to run the same forwards, so the HF engine samples from a full copy (on
-    # the meta device until the trainer's weights are loaded, below)
-    sampler = parallel.meta_copy(model) if dist.world > 1 and kind == "hf" else model
-    try:  # a vLLM outside the supported range, or --vllm_sleep on vLLM's CPU build: one line
-        engine = make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
-                             gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
-                             tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world,
-                             max_model_len=rollout_len,
-                             hf_overrides=position_overrides(model.config, cfg.rope_theta, cfg.max_positions))
-    except (ImportError, ValueError) as e:
-        fail(str(e), dist)
-    # the ranks of a vLLM tensor-parallel group sample the same prompts; rollouts and eval are split
-    # over the dp_world groups (strided, so that mini-batch m of all ranks is the one-rank mini-batch m)
-    tp = cfg.tensor_parallel if kind == "vllm" and dist.world > 1 else 1
-    dp_rank, dp_world, n = dist.rank // tp, dist.world // tp, hapo.rollouts_per_group(cfg.method, cfg.group_size)
-    policy = parallel.wrap(model, dist, cfg.grad_checkpointing)  # on the device; FSDP2-sharded under torchrun
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=dist.device.type == "cuda")  # one kernel, no per-parameter temporaries
-    step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
-    if state:
-        try:
-            checkpoint.load_state(start_dir, state, model, opt, dist)
-        except CheckpointError as e:
-            fail(str(e), dist)
-    if sampler is not model:  # the HF engine's full copy, gathered from the trainer's shards
-        parallel.materialize(sampler, dist.device)
-        engine.sync_weights(model)
-    for group in opt.param_groups:
-        group["weight_decay"] = cfg.weight_decay  # a resumed optimizer keeps its old one otherwise
-    log = tracking.Log(cfg.out_dir, dist.master, cfg.report_to.split(","), step if state else None,
+    model, tok, engine, problems, held, n = run.model, run.tok, run.engine, run.problems, run.held, run.n
+    step, cursor, opt = run.step, run.cursor, run.opt
+    log = tracking.Log(cfg.out_dir, dist.master, cfg.report_to.split(","), step if run.start_dir else None,
                        dataclasses.asdict(cfg))
-    bad_steps, last_saved = 0, start_dir
+    bad_steps, last_saved = 0, run.start_dir
 
     def run_eval(at):
         if not held:
             return {}, []
-        part = held[dp_rank::dp_world]
+        part = held[run.dp_rank::run.dp_world]
         r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                      seed=cfg.seed + 7919 * at, checker=cfg.checker)
-        acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / tp / len(held)
+        acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / run.tp / len(held)
         return {"eval/accuracy": acc}, [{"step": at, "eval": True, **s} for s in r["samples"][:4]]
 
     def save(at):
@@ -320,22 +238,23 @@ def main(argv=None):
         for step in bar:
             t0 = time.time()
             # 1. rollout: n samples for each of this rank's prompts (rollout.py)
-            idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[dp_rank::dp_world]
+            idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[run.dp_rank::run.dp_world]
             cursor += cfg.batch_prompts
             completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
                                                  cfg.temperature, logprobs=True,  # and the sampler's log-probs
-                                                 seed=((cfg.seed * 1000003 + step) * 1009 + dp_rank) * len(idx) * n)
+                                                 seed=((cfg.seed * 1000003 + step) * 1009 + run.dp_rank) * len(idx) * n)
             if cfg.vllm_sleep:
                 engine.sleep()  # level 1: vLLM hands its memory back to the trainer
             mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
-                    for g, i in enumerate(idx)][dist.rank % tp::tp]
+                    for g, i in enumerate(idx)][dist.rank % run.tp::run.tp]
             # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
             groups = []
             for i, resp, lp in mine:
                 texts = tok.batch_decode(resp, skip_special_tokens=True)
                 cut = [truncated(r, tok.eos_token_id) for r in resp]  # no EOS: max_new_tokens or vLLM's max_model_len
-                groups.append(hapo.Group(problems[i].prompt_ids, resp, [score(t, problems[i].answer) for t in texts],
-                                         problems[i].solution_ids, teacher_ok[i], truncated=cut, sampler_logp=lp))
+                rewards = [run.score(t, problems[i].answer) for t in texts]
+                groups.append(hapo.Group(problems[i].prompt_ids, resp, rewards, problems[i].solution_ids,
+                                         run.teacher_ok[i], truncated=cut, sampler_logp=lp))
             # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
             gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
             opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
@@ -345,7 +264,7 @@ def main(argv=None):
             adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
             # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
             batch = hapo.pack(trained, adv, tok.pad_token_id, cfg.mask_truncated).to(dist.device)
-            result = update.optimize(policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))
+            result = update.optimize(run.policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))
             # 8. weight sync into the rollout engine
             engine.sync_weights(model)
             # 9. log

@@ -13,6 +13,7 @@ WHAT = {  # path -> what it holds; the order is the README's
     "hapo.py": "one HAPO step on groups: gate -> SSI (or LUFFY's N-1 + teacher) -> advantages -> batch -> loss; the methods",
     "update.py": "the update of a step: micro-batches by count or token budget, packing, pi_old, AdamW, non-finite guard",
     "train.py": "the config dataclass and the loop, numbered as Figure 1: rollout -> ... -> checkpoint",
+    "launch.py": "what train.py does once before its first step: policy, data, positions, engine, FSDP2, optimizer, resume",
     "rollout.py": "the engines' contract and the HF engine (transformers `generate`, sampler log-probs)",
     "vllm_engine.py": "vLLM in the training process: in-place weight reload (tied heads), versions, CPU settings",
     "weight_sync.py": "the trainer's weights as (checkpoint name, full tensor), one at a time, FSDP2 included",
