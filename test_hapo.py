@@ -41,6 +41,7 @@ from tests.test_eval import *  # noqa: E402,F401,F403  tier 3
 from tests.test_faults import *  # noqa: E402,F401,F403  tier 3: what a run survives
 from tests.test_vllm import *  # noqa: E402,F401,F403  tiers 2 and 3 on vLLM itself (-m vllm)
 from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers, the task variants, the experiment's smoke run
+from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-RL, tiers 1-3
 
 
 # ----------------------------------------------------------------------------
