@@ -15,10 +15,13 @@ The baselines of the paper are the same step with another gate, injection and te
     luffy   always inject                 N-1 sampled + the teacher         shaped, -A p/(p+0.1)
     srft    always inject                 N-1 sampled + the teacher         plain SFT, -log p
     hapo    inject when c_i < gamma(t)    N sampled, the worst replaced     shaped, -A p/(p+0.1)
+    sft     no gate, no rollouts          the teacher alone                 plain SFT, -log p
 
 LUFFY samples N-1 rollouts and adds the teacher as the N-th (its `n_prefix=1`); HAPO's SSI (Eq. 7)
 replaces the worst of N. A teacher that fails its own verification is never injected: its group
-stays as sampled (N-1 rollouts for luffy and srft).
+stays as sampled (N-1 rollouts for luffy and srft). sft samples nothing for training: its batch is
+each prompt's verified teacher alone (teacher_only), so stages 1-5 reduce to one, and Eq. 8's token
+mean runs over the teacher tokens only; a prompt whose teacher fails verification is left out.
 """
 
 import dataclasses
@@ -35,6 +38,7 @@ METHODS = {  # method -> (when to inject, how, teacher loss)
     "grpo": ("never", None, None),
     "luffy": ("always", "append", "shaped"),
     "srft": ("always", "append", "sft"),
+    "sft": (None, None, "sft"),  # imitation alone: no rollouts, so no gate and no group (teacher_only)
 }
 
 
@@ -90,8 +94,27 @@ def check_method(method):
 
 
 def rollouts_per_group(method, group_size):
-    """How many rollouts to sample per prompt: N, or N-1 when the teacher is added as the N-th."""
+    """How many rollouts to sample per prompt: N, or N-1 when the teacher is added as the N-th (sft: none)."""
+    if method == "sft":
+        return 0
     return group_size - 1 if check_method(method)[1] == "append" else group_size
+
+
+# ----------------------------------------------------------------------------
+# sft: stages 1-5 in one
+
+
+def teacher_only(problems):
+    """SFT's batch, sampled from no one: each problem's teacher as its group's one trajectory (.prompt_ids,
+    .solution_ids; train.py keeps only verified teachers). Returns (groups, advantages [M, 1]): the
+    advantage is 0 because -log p does not read it, and 0 keeps the unused on-policy branch finite."""
+    groups = [Group(p.prompt_ids, [p.solution_ids], [1.0], p.solution_ids, 1.0, teacher_at=0) for p in problems]
+    return groups, torch.zeros(len(groups), 1)  # [M, 1]
+
+
+def teacher_metrics(groups):
+    """SFT's step metrics as (sums, means): only the teacher count has a meaning without rollouts."""
+    return {"train/teacher_injected": sum(g.teacher_at is not None for g in groups)}, {}
 
 
 # ----------------------------------------------------------------------------

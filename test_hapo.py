@@ -47,6 +47,7 @@ from tests.test_rehearsal import *  # noqa: E402,F401,F403  what the 7B recipe's
 from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers, the task variants, the experiment's smoke run
 from tests.test_scale import *  # noqa: E402,F401,F403  tier 3: the 7B and 1.5B recipes rehearsed on the CPU (plan.py)
 from tests.test_families import *  # noqa: E402,F401,F403  Qwen3, Llama, Gemma 3 in every tier; rollout-correction modes
+from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-RL, tiers 1-3
 
 
 # ----------------------------------------------------------------------------

@@ -127,11 +127,13 @@ def _open_tracker(name, out_dir, config):
 
 
 def line(row):
-    """The terminal's line for a step's metrics row."""
-    acc = f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""
-    return (f"step {row['step']:4d} | reward {row['train/reward']:.3f} | len {row['train/response_len']:5.1f} | "
-            f"teacher {row['train/teacher_injected']:3.0f} | gate {row['train/gate_open_frac']:.2f} | zero-var "
-            f"{row['train/zero_var_frac']:.2f} | loss {row['train/loss']:+.4f} | {row['time/step_s']:.2f}s{acc}")
+    """The terminal's line for a step's metrics row: the fields the row has (sft's has no rollouts)."""
+    fields = [("reward", "train/reward", ".3f"), ("len", "train/response_len", "5.1f"),
+              ("teacher", "train/teacher_injected", "3.0f"), ("gate", "train/gate_open_frac", ".2f"),
+              ("zero-var", "train/zero_var_frac", ".2f"), ("loss", "train/loss", "+.4f")]
+    parts = [f"step {row['step']:4d}"] + [f"{name} {row[k]:{fmt}}" for name, k, fmt in fields if k in row]
+    parts.append(f"{row['time/step_s']:.2f}s" + (f" | eval {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""))
+    return " | ".join(parts)
 
 
 def train_samples(groups, tokenizer, step):

@@ -2,6 +2,8 @@
 
     python train.py                                   # built-in tiny model and task, CPU, minutes
     python train.py --method grpo                     # the same run without a teacher
+    python train.py --method sft --out_dir out/sft    # imitation alone; then RL from it, a fresh optimizer:
+    python train.py --method grpo --model out/sft --out_dir out/sft-grpo   # SFT-then-RL
     python train.py --model Qwen/Qwen2.5-Math-7B --data Elliott/Openr1-Math-46k-8192 ...  # README
     torchrun --nproc_per_node 8 train.py ...          # FSDP2, one vLLM engine per rank
 
@@ -39,7 +41,7 @@ class Config:
     model: str = tiny.TINY  # hub id, local dir, or "tiny" (the shipped built-in base model)
     data: str = task.BUILTIN  # "builtin", a .jsonl/.parquet file, or a hub data set id
     eval_data: str = ""  # held-out problems (same formats); default: the eval split of "builtin"
-    method: str = "hapo"  # hapo | grpo | luffy | srft (hapo.py's table)
+    method: str = "hapo"  # hapo | grpo | luffy | srft | sft (hapo.py's table)
     gamma: float = 0.8  # confidence threshold: inject the teacher when c_i < gamma(t)
     gamma_schedule: str = "constant"  # constant | sigmoid | step, from gamma to gamma_end
     gamma_end: float = 0.5  # gamma(t) at the end of training for the sigmoid and step schedules
@@ -127,6 +129,8 @@ def problems_with(cfg, world):
               (0 < cfg.vllm_gpu_memory <= 1 and cfg.tensor_parallel >= 1,
                "--vllm_gpu_memory must be in (0, 1] and --tensor_parallel >= 1"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
+              (not (cfg.overwrite and os.path.abspath(cfg.model) == os.path.abspath(cfg.out_dir)),
+               "--overwrite would delete the checkpoints --model loads from: give this run another --out_dir"),
               (not os.path.isfile(cfg.out_dir), f"--out_dir '{cfg.out_dir}' is a file, not a directory"),
               (cfg.batch_prompts % (world * cfg.mini_batches) == 0,  # whole groups, as many on every rank
                f"--batch_prompts must be divisible by {world} rank(s) x {cfg.mini_batches} mini-batch(es)"),
@@ -240,41 +244,50 @@ def main(argv=None):
             # 1. rollout: n samples for each of this rank's prompts (rollout.py)
             idx = data.batch_indices(len(problems), cursor, cfg.batch_prompts, cfg.seed)[run.dp_rank::run.dp_world]
             cursor += cfg.batch_prompts
-            completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
-                                                 cfg.temperature, logprobs=True,  # and the sampler's log-probs
-                                                 seed=((cfg.seed * 1000003 + step) * 1009 + run.dp_rank) * len(idx) * n)
+            if cfg.method == "sft":  # 1-5. no rollouts: each prompt's verified teacher alone is the batch
+                trained, adv = hapo.teacher_only([problems[i] for i in idx][dist.rank % run.tp::run.tp])
+                logged = hapo.teacher_metrics(trained)
+            else:
+                seed = ((cfg.seed * 1000003 + step) * 1009 + run.dp_rank) * len(idx) * n  # one per sample
+                completions, logps = engine.generate([problems[i].prompt_ids for i in idx], n, cfg.max_new_tokens,
+                                                     cfg.temperature, logprobs=True, seed=seed)  # and their log-probs
+                mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
+                        for g, i in enumerate(idx)][dist.rank % run.tp::run.tp]
+                # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
+                groups = []
+                for i, resp, lp in mine:
+                    texts = tok.batch_decode(resp, skip_special_tokens=True)
+                    cut = [truncated(r, tok.eos_token_id) for r in resp]  # no EOS: max_new_tokens or max_model_len
+                    rewards = [run.score(t, problems[i].answer) for t in texts]
+                    groups.append(hapo.Group(problems[i].prompt_ids, resp, rewards, problems[i].solution_ids,
+                                             run.teacher_ok[i], truncated=cut, sampler_logp=lp))
+                # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
+                gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
+                opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
+                # 4. SSI: in each opened group the worst rollout becomes the verified teacher (Eq. 7)
+                trained = hapo.inject(groups, opened, cfg.method)
+                # 5. advantages, on the groups after SSI (Eq. 2)
+                adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
+                logged = hapo.metrics(groups, trained, opened, conf)
+                logged[1]["train/gamma"] = gamma
             if cfg.vllm_sleep:
                 engine.sleep()  # level 1: vLLM hands its memory back to the trainer
-            mine = [(i, completions[g * n:(g + 1) * n], logps[g * n:(g + 1) * n])
-                    for g, i in enumerate(idx)][dist.rank % run.tp::run.tp]
-            # 2. reward: 1 when the last boxed answer equals the gold one (Eq. 4, reward.py)
-            groups = []
-            for i, resp, lp in mine:
-                texts = tok.batch_decode(resp, skip_special_tokens=True)
-                cut = [truncated(r, tok.eos_token_id) for r in resp]  # no EOS: max_new_tokens or vLLM's max_model_len
-                rewards = [run.score(t, problems[i].answer) for t in texts]
-                groups.append(hapo.Group(problems[i].prompt_ids, resp, rewards, problems[i].solution_ids,
-                                         run.teacher_ok[i], truncated=cut, sampler_logp=lp))
-            # 3. confidence c = (1+S)/(2+N) and the gate c < gamma(t) (Eqs. 5-6, Algorithm 1)
-            gamma = threshold(step / max(cfg.max_steps - 1, 1), cfg.gamma, cfg.gamma_schedule, cfg.gamma_end)
-            opened, conf = hapo.gate_groups(groups, cfg.method, gamma)  # [M], [M]
-            # 4. SSI: in each opened group the worst rollout becomes the verified teacher (Eq. 7)
-            trained = hapo.inject(groups, opened, cfg.method)
-            # 5. advantages, on the groups after SSI (Eq. 2)
-            adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
             # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
             batch = hapo.pack(trained, adv, tok.pad_token_id, cfg.mask_truncated).to(dist.device)
             result = update.optimize(run.policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))
-            # 8. weight sync into the rollout engine
-            engine.sync_weights(model)
+            # 8. weight sync into the rollout engine (sft's samples only to evaluate)
+            evaluating = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps
+            if cfg.method != "sft" or evaluating:
+                engine.sync_weights(model)
             # 9. log
-            row = {"step": step + 1, **parallel.reduce_metrics(dist, *hapo.metrics(groups, trained, opened, conf)),
-                   **result, "train/gamma": gamma, "train/lr": opt.param_groups[0]["lr"]}
-            gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp, _ in mine for r in resp)))
-            dt = time.time() - t0
-            row.update({"time/step_s": dt, "time/tokens_per_s": gen_tokens / dt})
+            row = {"step": step + 1, **parallel.reduce_metrics(dist, *logged), **result,
+                   "train/lr": opt.param_groups[0]["lr"]}
+            row["time/step_s"] = dt = time.time() - t0
+            if cfg.method != "sft":  # sft generates nothing
+                gen_tokens = parallel.all_sum(dist, float(sum(len(r) for _, resp, _ in mine for r in resp)))
+                row["time/tokens_per_s"] = gen_tokens / dt
             samples = []
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            if evaluating:
                 evaluated, samples = run_eval(step + 1)
                 row.update(evaluated)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:

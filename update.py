@@ -158,7 +158,7 @@ def optimize(policy, opt, batch, cfg, dist, lr):
     """
     policy.train()
     micros = micro_batches(batch, cfg, dist)
-    if cfg.mini_batches > 1:  # several updates per batch: freeze pi_theta_old first
+    if cfg.mini_batches > 1 and cfg.method != "sft":  # several updates per batch: freeze pi_old (sft: no ratio)
         old_logprobs(policy, micros, cfg, dist)
     for group in opt.param_groups:
         group["lr"] = lr

@@ -1,12 +1,14 @@
-"""The paper's Figure 2 on the built-in task: HAPO vs GRPO vs LUFFY vs SRFT, several seeds.
+"""The paper's Figure 2 and Table 1 on the built-in task: HAPO vs GRPO, LUFFY, SRFT, SFT and SFT-then-GRPO.
 
-    python scripts/experiment.py                    # 4 methods x 3 seeds, 2 at a time; then the plot and table
+    python scripts/experiment.py                    # 6 methods x 3 seeds, 2 at a time; then the plot and table
     python scripts/experiment.py --report           # only redraw the plot and table from finished runs
     python scripts/experiment.py --preset evidence  # the Theorem 4.2 experiment of docs/EVIDENCE.md
 
 Each run is `python train.py --method M --seed S ...` in its own process (one thread each), writing
 <out>/<method>_s<seed>/metrics.jsonl; a finished run is not rerun, so an interrupted experiment
-continues where it stopped. Arguments this script does not know go to train.py. `--part_eval
+continues where it stopped. sft-then-grpo is a pipeline of two such runs in sub-directories of its
+own (1_sft, then 2_grpo with `--model` the first's out_dir and a fresh optimizer); its SFT stage's
+steps count in its budget: a quarter SFT, the rest GRPO (50 + 150 of 200 steps; 75 + 225 of 300). Arguments this script does not know go to train.py. `--part_eval
 NAME=SPEC` also scores each run's last checkpoint on SPEC's eval split with eval.py (kept in
 <run>/eval_NAME, so it is not redone either). The table goes to <out>/table.md and stdout, the
 figure to <out>/figure2.png (needs matplotlib: `pip install matplotlib`; the table does not).
@@ -24,6 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hapo import METHODS  # noqa: E402  (after the path: the project's modules live one level up)
 
+# SFT-then-RL, the paper's two-stage baseline: train.py --method sft, then RL from its out_dir
+PIPELINES = {"sft-then-grpo": ("sft", "grpo")}
+SFT_SHARE = 0.25  # of a pipeline's steps, for its first stage
+ROWS = [*METHODS, *PIPELINES]
+
 # Named experiments: flags that reproduce a write-up's numbers with one command (docs/EVIDENCE.md).
 # evidence: the built-in task with a teacher that is right but adds a recap after its answer, run
 # long enough for HAPO's gate to close; the last checkpoints are also scored on the three-digit sums
@@ -38,15 +45,33 @@ def run_dir(out, method, seed):
     return os.path.join(out, f"{method}_s{seed}")
 
 
-def read_metrics(path):
+def stages(path, method, steps):
+    """The train.py runs of one row: [(--method, --max_steps, --out_dir, --model or None)], in order."""
+    if method not in PIPELINES:
+        return [(method, steps, path, None)]
+    first, then = PIPELINES[method]
+    n = min(max(1, round(steps * SFT_SHARE)), steps - 1)
+    one, two = os.path.join(path, f"1_{first}"), os.path.join(path, f"2_{then}")
+    return [(first, n, one, None), (then, steps - n, two, one)]
+
+
+def read_metrics(path, method=None):
+    """A run's metrics rows; a pipeline's stages as one run, each stage's steps after the one before
+    (a later stage's step 0 evaluates the checkpoint its predecessor ended on: left out)."""
+    if method in PIPELINES:
+        rows = []
+        for _, _, part, _ in stages(path, method, 0):
+            at = rows[-1]["step"] if rows else 0
+            rows += [{**r, "step": r["step"] + at} for r in read_metrics(part) if not (rows and r["step"] == 0)]
+        return rows
     try:
         return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
     except (OSError, json.JSONDecodeError):
         return []
 
 
-def finished(path, steps):
-    rows = read_metrics(path)
+def finished(path, steps, method=None):
+    rows = read_metrics(path, method)
     return bool(rows) and rows[-1]["step"] >= steps and "eval/accuracy" in rows[-1]
 
 
@@ -71,33 +96,40 @@ def pool(todo, jobs, start, error, tick=None, wait=2.0):
 
 
 def run_all(args):
-    """Launch the runs that are not finished yet, `--jobs` at a time, with a progress line."""
+    """Launch the runs that are not finished yet, `--jobs` at a time, with a progress line: every
+    row's first (or only) stage, then the pipelines' second stages."""
     from tqdm import tqdm
-    todo = [(m, s) for s in range(args.seeds) for m in args.methods if not finished(run_dir(args.out, m, s), args.steps)]
-    bar, done_steps = tqdm(total=len(todo) * args.steps, desc="experiment", unit="step", dynamic_ncols=True), {}
+    todo = []  # (stage index, row, seed, train.py's --method, --max_steps, --out_dir, --model or None)
+    for s in range(args.seeds):
+        for m in args.methods:
+            for k, (method, steps, path, model) in enumerate(stages(run_dir(args.out, m, s), m, args.steps)):
+                if not finished(path, steps):
+                    todo.append((k, m, s, method, steps, path, model))
+    bar, done_steps = tqdm(total=sum(key[4] for key in todo), desc="experiment", unit="step", dynamic_ncols=True), {}
 
     def start(key):
-        m, s = key
-        path = run_dir(args.out, m, s)
+        _, _, s, method, steps, path, model = key
         os.makedirs(path, exist_ok=True)
         resume = ["--resume"] if os.path.exists(os.path.join(path, "latest")) else []
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", m, "--seed", str(s),
-               "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--out_dir", path,
-               "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args]
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", method, "--seed", str(s),
+               "--max_steps", str(steps), "--eval_every", str(args.eval_every), "--out_dir", path,
+               "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args,
+               *(["--model", model] if model else [])]  # after the pass-through flags: this one wins
         with open(os.path.join(path, "train.log"), "a") as log:  # the child keeps its own copy of the handle
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
 
     def tick(running):
         for key, _ in running:
-            rows = read_metrics(run_dir(args.out, *key))
+            rows = read_metrics(key[5])
             step = rows[-1]["step"] if rows else 0
             bar.update(step - done_steps.get(key, 0))
             done_steps[key] = step
-        bar.set_postfix_str(" ".join(f"{m}/s{s}" for (m, s), _ in running))
+        bar.set_postfix_str(" ".join(f"{key[1]}/s{key[2]}" for key, _ in running))
 
-    pool(todo, args.jobs, start, tick=tick,
-         error=lambda key, proc: f"experiment.py: error: {key[0]} seed {key[1]} failed (exit {proc.returncode}); "
-                                 f"see {run_dir(args.out, *key)}/train.log")
+    for k in (0, 1):  # a second stage starts from its first stage's last checkpoint
+        pool([key for key in todo if key[0] == k], args.jobs, start, tick=tick,
+             error=lambda key, proc: f"experiment.py: error: {key[1]} seed {key[2]} failed (exit {proc.returncode}); "
+                                     f"see {key[5]}/train.log")
     bar.close()
 
 
@@ -111,10 +143,11 @@ def run_part_evals(args):
     for s in range(args.seeds):
         for m in args.methods:
             path = run_dir(args.out, m, s)
+            last = stages(path, m, args.steps)[-1][2]  # the out_dir of its last stage
             for name, spec in parse_parts(args.part_eval):
                 where = os.path.join(path, f"eval_{name}")
-                if finished(path, args.steps) and not os.path.exists(os.path.join(where, "summary.json")):
-                    todo.append([sys.executable, os.path.join(ROOT, "eval.py"), "--model", path, "--benchmarks", spec,
+                if finished(path, args.steps, m) and not os.path.exists(os.path.join(where, "summary.json")):
+                    todo.append([sys.executable, os.path.join(ROOT, "eval.py"), "--model", last, "--benchmarks", spec,
                                  "--out_dir", where, "--max_new_tokens", str(train_flag(args, "max_new_tokens", 64)),
                                  "--temperature", "0.6", "--k", "1", "--rollout", "hf"])  # train.py's held-out protocol
     pool(todo, args.jobs, wait=1.0,
@@ -178,28 +211,35 @@ def teacher_signal(row, method):
 
 
 def window_mean(rs, key, first, window, method=None):
-    """Mean over seeds of a per-step metric over the first (or last) `window` training steps."""
+    """Mean over seeds of a per-step metric over the first (or last) `window` training steps that
+    logged it (sft logs no rollout metric: None)."""
     per_seed = []
     for rows in rs:
-        steps = [r for r in rows if r["step"] > 0 and "train/reward" in r]
+        need = "train/teacher_injected" if key == "teacher_signal" else key
+        steps = [r for r in rows if r["step"] > 0 and need in r]
         part = steps[:window] if first else steps[-window:]
         vals = [teacher_signal(r, method) if key == "teacher_signal" else r[key] for r in part]
-        per_seed.append(statistics.mean(vals))
-    return statistics.mean(per_seed)
+        if vals:
+            per_seed.append(statistics.mean(vals))
+    return statistics.mean(per_seed) if per_seed else None
 
 
 def peak(rs, key, smooth=10):
-    """The highest `smooth`-step moving average of a per-step metric's mean over seeds."""
+    """The highest `smooth`-step moving average of a per-step metric's mean over seeds (None if never logged)."""
     series = [curves(rows, key)[1] for rows in rs]
     n = min(len(v) for v in series)
+    if n == 0:
+        return None
     mean = [statistics.mean(v[i] for v in series) for i in range(n)]
     return max(statistics.mean(mean[i:i + smooth]) for i in range(max(n - smooth + 1, 1)))
 
 
-def summary(runs, parts=(), out="", window=20):
+def summary(runs, parts=(), out="", window=20, best=None):
     """Per method: accuracy (start, final mean/std, steps to half the best), response length and
-    teacher use over the first and last `window` steps, collapse, and per-part final accuracy."""
-    best = max((max(curves(rows, "eval/accuracy")[1]) for rs in runs.values() for rows in rs), default=0.0)
+    teacher use over the first and last `window` steps, collapse, and per-part final accuracy. `best`
+    defaults to the best accuracy of these runs (give the other rows' when tabulating a few methods)."""
+    if best is None:
+        best = max((max(curves(rows, "eval/accuracy")[1]) for rs in runs.values() for rows in rs), default=0.0)
     table = {}
     for m, rs in runs.items():
         final = [curves(rows, "eval/accuracy")[1][-1] for rows in rs]
@@ -210,11 +250,12 @@ def summary(runs, parts=(), out="", window=20):
             hit = [s for s, a in zip(steps, acc) if a >= best / 2]
             reach.append(hit[0] if hit else None)
         teacher = [sum(r.get("train/teacher_injected", 0) for r in rows) for rows in rs]
-        zero_var = [statistics.mean(curves(rows, "train/zero_var_frac")[1]) for rows in rs]
+        zero_var = [statistics.mean(v) for v in (curves(rows, "train/zero_var_frac")[1] for rows in rs) if v]
         table[m] = {"start_acc_mean": statistics.mean(start),
                     "final_acc_mean": statistics.mean(final), "final_acc_std": statistics.pstdev(final),
                     "final_acc": final, "steps_to_half_best": reach, "teacher_total": statistics.mean(teacher),
-                    "zero_var_frac": statistics.mean(zero_var), "seeds": len(rs), "window": window}
+                    "zero_var_frac": statistics.mean(zero_var) if zero_var else None, "seeds": len(rs),
+                    "window": window}
         for key, name in (("train/response_len", "len"), ("train/teacher_injected", "teacher"),
                           ("teacher_signal", "teacher_signal"), ("train/reward", "reward")):
             table[m][f"{name}_start"] = window_mean(rs, key, True, window, m)
@@ -239,14 +280,16 @@ def markdown(best, table, parts=(), teacher_len=None):
              f"teacher samples per step, first / last {w}", f"of which with a gradient, last {w}",
              "teacher samples in all", "zero-variance groups"]
     lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # "-": not logged (sft has no rollouts)
     for m, t in table.items():
         reach = [r for r in t["steps_to_half_best"] if r is not None]
         reach_s = f"{statistics.mean(reach):.0f} ({len(reach)}/{t['seeds']} seeds)" if reach else f"never (0/{t['seeds']})"
         part_cells = [f"{t[f'final_{n}_mean']:.3f} +- {t[f'final_{n}_std']:.3f}" if f"final_{n}_mean" in t else "-"
                       for n, _ in parts]
         cells = [m, f"{t['start_acc_mean']:.3f}", f"{t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f}", *part_cells,
-                 reach_s, f"{t['len_start']:.1f} / {t['len_peak']:.1f} / {t['len_end']:.1f}", f"{t['teacher_start']:.1f} / {t['teacher_end']:.1f}",
-                 f"{t['teacher_signal_end']:.1f}", f"{t['teacher_total']:.0f}", f"{t['zero_var_frac']:.2f}"]
+                 reach_s, f"{f(t['len_start'])} / {f(t['len_peak'])} / {f(t['len_end'])}",
+                 f"{f(t['teacher_start'])} / {f(t['teacher_end'])}", f(t["teacher_signal_end"]),
+                 f(t["teacher_total"], ".0f"), f(t["zero_var_frac"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     if teacher_len is not None:
         lines.append(f"\nThe teacher's solutions average {teacher_len:.1f} tokens (EOS included).")
@@ -265,24 +308,26 @@ def plot(runs, path, teacher_len=None):
               ("train/teacher_injected", "teacher samples injected per step"), ("eval/accuracy", "held-out accuracy")]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, (key, title) in zip(axes, panels):
-        for m, rs in runs.items():
+        for i, (m, rs) in enumerate(runs.items()):
             series = [curves(rows, key) for rows in rs]
             steps = series[0][0]
             n = min(len(v) for _, v in series)
+            if n == 0:  # sft has no rollouts: no reward or length
+                continue
             vals = [[v[i] for _, v in series] for i in range(n)]
             smooth = 1 if key == "eval/accuracy" else 10  # moving average over 10 steps for per-step metrics
             mean = [statistics.mean(x) for x in vals]
             lo = [min(x) for x in vals]
             hi = [max(x) for x in vals]
             ma = lambda xs: [statistics.mean(xs[max(0, i - smooth + 1):i + 1]) for i in range(len(xs))]
-            ax.plot(steps[:n], ma(mean), label=m)
-            ax.fill_between(steps[:n], ma(lo), ma(hi), alpha=0.2)
+            ax.plot(steps[:n], ma(mean), label=m, color=f"C{i}")  # one colour per method in every panel
+            ax.fill_between(steps[:n], ma(lo), ma(hi), alpha=0.2, color=f"C{i}")
         if key == "train/response_len" and teacher_len is not None:
             ax.axhline(teacher_len, color="gray", linestyle="--", linewidth=1, label="teacher")
             ax.legend(loc="center right", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
-    axes[0].legend()
+    axes[-1].legend()  # held-out accuracy: the panel every method has
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -292,7 +337,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named experiment: its defaults, then the flags given")
     p.add_argument("--out", default="runs/experiment", help="one sub-directory per run")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=ROWS, choices=ROWS)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_every", type=int, default=20)
@@ -301,6 +346,8 @@ def main(argv=None):
                    help="also score each run's last checkpoint on SPEC's eval split (eval.py)")
     p.add_argument("--window", type=int, default=20, help="steps averaged for the first/last columns")
     p.add_argument("--report", action="store_true", help="skip training; plot and tabulate finished runs")
+    p.add_argument("--best", type=float, help="the accuracy whose half 'steps to half the best' counts to "
+                                              "(default: the best of these runs; the other rows' when running a few)")
     p.add_argument("--png", default="", help="plot path (default: <out>/figure2.png)")
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = p.parse_known_args(argv)[0].preset
@@ -311,15 +358,17 @@ def main(argv=None):
         args.train_args = spec["train_args"] + rest  # after the preset's, so train.py takes these
     else:
         args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py
+    if args.steps < 2 and any(m in PIPELINES for m in args.methods):
+        sys.exit("experiment.py: error: a pipeline (sft-then-grpo) needs --steps of at least 2, one for each stage")
     if not args.report:
         run_all(args)
         run_part_evals(args)
-    runs = {m: [read_metrics(run_dir(args.out, m, s)) for s in range(args.seeds)] for m in args.methods}
+    runs = {m: [read_metrics(run_dir(args.out, m, s), m) for s in range(args.seeds)] for m in args.methods}
     runs = {m: [rows for rows in rs if rows] for m, rs in runs.items() if any(rs)}
     if not runs:
         sys.exit(f"experiment.py: error: no finished runs in {args.out}")
     parts = parse_parts(args.part_eval)
-    best, table = summary(runs, parts, args.out, args.window)
+    best, table = summary(runs, parts, args.out, args.window, args.best)
     teacher_len = teacher_length(args)
     for t in table.values():
         t["teacher_len"] = teacher_len

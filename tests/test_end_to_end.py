@@ -69,9 +69,17 @@ def test_experiment_script_smoke(tmp_path, capsys):
     table = experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2", "--jobs", "2",
                              "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "8",
                              "--eval_problems", "4", "--rollout", "hf"])
-    assert set(table) == {"hapo", "grpo", "luffy", "srft"}
+    assert set(table) == {"hapo", "grpo", "luffy", "srft", "sft", "sft-then-grpo"}
     assert table["grpo"]["teacher_total"] == 0 and table["luffy"]["teacher_total"] == 4  # 2 groups x 2 steps
-    assert "| hapo |" in capsys.readouterr().out
+    assert table["sft"]["teacher_total"] == 4 and table["sft"]["len_start"] is None  # no rollouts: no length
+    assert table["sft-then-grpo"]["teacher_total"] == 2  # 1 SFT step of 2 teachers, then 1 GRPO step
+    assert table["sft-then-grpo"]["len_end"] > 0  # its GRPO stage's rollouts
+    pipeline = os.path.join(out, "sft-then-grpo_s0")
+    assert [r["step"] for r in experiment.read_metrics(pipeline, "sft-then-grpo")] == [0, 1, 2]
+    state = torch.load(os.path.join(pipeline, "2_grpo", "step_000001", "state.pt"), weights_only=False)
+    assert state["config"]["model"] == os.path.join(pipeline, "1_sft") and state["config"]["method"] == "grpo"
+    text = capsys.readouterr().out
+    assert "| hapo |" in text and "| sft | 0.000 |" in text and "| - / - / - |" in text
     assert json.load(open(os.path.join(out, "summary.json")))["srft"]["seeds"] == 1
     before = os.path.getmtime(os.path.join(out, "hapo_s0", "metrics.jsonl"))
     experiment.main(["--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2"])  # finished: not rerun

@@ -160,17 +160,19 @@ def test_evidence_experiment_smoke(tmp_path, capsys):
     assert "--data" in experiment.PRESETS["evidence"]["train_args"]
     out = str(tmp_path / "ev")
     small = ["--preset", "evidence", "--out", out, "--seeds", "1", "--steps", "2", "--eval_every", "2",
-             "--methods", "hapo", "luffy", "--part_eval", "hard=builtin:n_train=4,n_eval=3",
+             "--methods", "hapo", "luffy", "sft-then-grpo", "--part_eval", "hard=builtin:n_train=4,n_eval=3",
              "--batch_prompts", "2", "--group_size", "2", "--max_new_tokens", "16", "--eval_problems", "4",
              "--rollout", "hf"]
     table = experiment.main(small)
-    assert set(table) == {"hapo", "luffy"}
+    assert set(table) == {"hapo", "luffy", "sft-then-grpo"}
     assert table["luffy"]["teacher_total"] == 4 and table["luffy"]["teacher_start"] == 2  # 2 groups x 2 steps
     for t in table.values():
         assert 0 <= t["final_hard_mean"] <= 1 and t["len_start"] > 0 and t["teacher_len"] > 40
     text = capsys.readouterr().out
     assert "| hapo |" in text and "final, hard prompts" in text and "teacher's solutions average" in text
     assert open(os.path.join(out, "table.md")).read().startswith("| method |")
+    assert table["sft-then-grpo"]["teacher_total"] == 2  # its SFT step: the 2 teachers; then GRPO: none
+    assert os.path.exists(os.path.join(out, "sft-then-grpo_s0", "eval_hard", "summary.json"))  # of its GRPO stage
     samples = os.path.join(out, "hapo_s0", "eval_hard", "samples.jsonl")
     assert sum(1 for _ in open(samples)) == 3
     before = os.path.getmtime(samples)
