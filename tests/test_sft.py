@@ -195,7 +195,10 @@ def test_sft_then_grpo_starts_from_the_sft_out_dir_with_a_fresh_optimizer(tmp_pa
     assert [r["step"] for r in rows] == [0, 1, 2] and "train/reward" in rows[1]
     state = torch.load(os.path.join(rl, "step_000002", "state.pt"), weights_only=False)
     assert state["step"] == 2 and state["config"]["model"] == sft and state["config"]["method"] == "grpo"
-    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(os.path.join(rl, "step_000002", "shards"), tmp_path / "shards.pt")  # the shards as one file
+    adam = torch.load(tmp_path / "shards.pt", weights_only=False)["optimizer"]["state"]
+    adam_steps = {float(s["step"]) for s in adam.values()}
     assert adam_steps == {2.0}  # AdamW counted this run's 2 steps only: not 2 + the SFT run's 2
     # the same out_dir for both stages would resume the SFT run as GRPO, or delete it: one line each
     with pytest.raises(SystemExit):
