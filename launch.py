@@ -12,6 +12,7 @@ Errors are one line (DataError, CheckpointError, ImportError, ValueError); train
 
 import dataclasses
 import json
+import os
 import random
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class Run:
 
 def start(cfg, dist) -> Run:
     """The run train.py's loop steps through: seeds, policy, data, engine, sharding, optimizer, resume."""
+    if dist.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # as torchrun sets it
+        torch.set_num_threads(1)  # the thread count changes float sums, and with them the run (docs/RESULTS.md)
     torch.manual_seed(cfg.seed + dist.rank)
     random.seed(cfg.seed + dist.rank)
     np.random.seed(cfg.seed + dist.rank)
