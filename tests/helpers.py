@@ -63,14 +63,8 @@ def run(cmd, cwd=ROOT, env=ONE_THREAD, timeout=300, check=True):
     return r
 
 
-def run_train(*args, **kw):
-    """train.py in a child process: for tests where the process boundary is the point (signals, kill,
-    the out_dir lock held by another process). Elsewhere train_here saves the child's 6-10 s of imports."""
-    return run([sys.executable, os.path.join(ROOT, "train.py"), *args], check=False, env=os.environ, **kw)
-
-
 def train_here(capsys, *args):
-    """train.main(args) in this process, read as run_train reads a child: a CompletedProcess of the exit
+    """train.main(args) in this process, read as a child process would be: a CompletedProcess of the exit
     code (SystemExit's; 0 when main returns) and what the run printed (capsys, pytest's fixture)."""
     import train
     capsys.readouterr()  # what came before is not this run's
