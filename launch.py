@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import checkpoint
-import data
+from lib import checkpoint
+from lib import data
 import hapo
-import parallel
+from lib import parallel
 import rollout
-from data import DataError
-from evaluation import encode_prompts
-from models import check_family, check_positions, load_policy, position_overrides, resolve_model
+from lib.data import DataError
+from eval import encode_prompts
+from lib.models import check_family, check_positions, load_policy, position_overrides, resolve_model
 from reward import reward
 
 

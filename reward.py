@@ -23,9 +23,9 @@ call returns in about a second from any thread; what is too large to evaluate is
 import re, time
 from fractions import Fraction
 
-from latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, set_source, split_top, to_python,
+from lib.latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, set_source, split_top, to_python,
                    unicode_tex, units, unnest)
-from symbolic import (CHECKERS, STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal,  # noqa: F401
+from lib.symbolic import (CHECKERS, STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal,  # noqa: F401
                       terminates, warm_spare)
 
 TIME_BUDGET = 1.0  # seconds of sympy work per reward() call

@@ -26,8 +26,8 @@ from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList
                           TopPLogitsWarper)
 from transformers.utils import logging as hf_logging
 
-from vllm_engine import VLLMEngine, check_vllm_version, cut_at_eos, installed_vllm_version, vllm_requirement
-from weight_sync import unwrap, weights_for_sync
+from lib.vllm_engine import VLLMEngine, check_vllm_version, cut_at_eos, installed_vllm_version, vllm_requirement
+from lib.weight_sync import unwrap, weights_for_sync
 
 
 # -----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from tests.test_evidence import *  # noqa: E402,F401,F403  Theorem 4.2's numbers
 from tests.test_scale import *  # noqa: E402,F401,F403  tier 3: the 7B and 1.5B recipes rehearsed on the CPU (plan.py)
 from tests.test_families import *  # noqa: E402,F401,F403  Qwen3, Llama, Gemma 3 in every tier; rollout-correction modes
 from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-RL, tiers 1-3
+from tests.test_layout import *  # noqa: E402,F401,F403  tier 1: the house (root and lib/), no arrow up, no cycle
 
 
 # ----------------------------------------------------------------------------

@@ -20,18 +20,18 @@ import sys
 import time
 from dataclasses import dataclass
 
-import checkpoint
-import data
+from lib import checkpoint
+from lib import data
 import hapo
 import launch
-import parallel
-import plan
-import task
-import tiny
-import tracking
+from lib import parallel
+from lib import plan
+from lib import task
+from lib import tiny
+from lib import tracking
 import update
-from checkpoint import CheckpointError
-from data import DataError
+from lib.checkpoint import CheckpointError
+from lib.data import DataError
 from gate import SCHEDULES, threshold
 from reward import CHECKERS, check_checker
 
@@ -172,7 +172,7 @@ def parse_args(argv, dist):
 
 def plan_only(cfg):
     """--plan: the memory table and its JSON line (plan.py); exit 0 whether or not the run fits."""
-    from models import resolve_model
+    from lib.models import resolve_model
     try:
         if parallel.from_env().master:  # under torchrun, one table
             plan.main(cfg, resolve_model(cfg.model))
@@ -193,7 +193,7 @@ def main(argv=None):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
-    from evaluation import evaluate
+    from eval import evaluate
     from rollout import truncated
 
     lock, error = None, None

@@ -16,7 +16,7 @@ import torch
 
 from hapo import Batch, batch_loss
 from loss import sequence_logprobs
-from parallel import all_max, all_max_each, all_sum
+from lib.parallel import all_max, all_max_each, all_sum
 
 # ----------------------------------------------------------------------------
 # splitting a batch into micro-batches

@@ -115,9 +115,11 @@ def run_ours_fixed(a, method, turns):
     """train.py's stages through their public functions, each timed; EOS is never produced."""
     import torch
     from types import SimpleNamespace
-    import data, hapo, update
-    from models import load_model
-    from parallel import Dist, Policy
+    import hapo
+    import update
+    from lib import data
+    from lib.models import load_model
+    from lib.parallel import Dist, Policy
     from reward import reward
     from rollout import HFEngine
 
@@ -160,7 +162,7 @@ def trl_trainer(a, model, tok, **config):
     """A GRPOTrainer over the built-in prompts with our reward (its loss is what both rows time)."""
     import datasets
     from trl import GRPOConfig, GRPOTrainer
-    import data
+    from lib import data
     from reward import reward
     problems, _ = data.load_problems("builtin", "train")
     prompts = datasets.Dataset.from_dict({"prompt": [data.render_prompt(tok, p.prompt) for p in problems],
@@ -231,8 +233,8 @@ def recorded_batches(a):
 def run_ours_realistic(a, turns):
     import torch
     import hapo, update
-    from models import load_model
-    from parallel import Dist, Policy
+    from lib.models import load_model
+    from lib.parallel import Dist, Policy
     model, _ = load_model(os.path.join(a.model_dir, "realistic"), dtype=torch.float32)
     cfg = step_cfg(a, micro_batch_tokens=a.real_budget, pack=bool(a.real_pack))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -391,7 +393,7 @@ def main(a):
     import importlib.util
     if importlib.util.find_spec("trl") is None:
         sys.exit("bench.py: TRL is not installed: pip install -r benchmarks/requirements.txt")
-    import tiny
+    from lib import tiny
     from transformers.utils import logging
     logging.disable_progress_bar()
     t0, load, tmp = time.time(), [os.getloadavg()[0]], tempfile.TemporaryDirectory(prefix="bench_")

@@ -40,7 +40,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules
 import hapo  # noqa: E402
-import parallel  # noqa: E402
+from lib import parallel  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
 from loss import sequence_logprobs  # noqa: E402
@@ -229,9 +229,9 @@ def round_trip(device, config, sharded):
     """One optimizer step, a save, a resume: do the weights and AdamW's second moments come back equal?"""
     import tempfile
 
-    import checkpoint
-    import tiny
-    from models import load_policy
+    from lib import checkpoint
+    from lib import tiny
+    from lib.models import load_policy
     from transformers import AutoTokenizer
     dist = parallel.Dist(0, 1, device)
     tok = AutoTokenizer.from_pretrained(tiny.SHIPPED)
@@ -265,7 +265,7 @@ def round_trip(device, config, sharded):
 
 def check_plan(device, _config=None):
     """6. plan.trainer's peak against the allocator's for a Qwen2.5-Math-1.5B-shaped step on one GPU."""
-    import plan
+    from lib import plan
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(os.path.join(ROOT, "tests", "data", "qwen2.5-math-1.5b"))
     cfg = dataclasses.replace(train.Config(), max_prompt_tokens=512, max_new_tokens=3584, max_solution_tokens=3584,

@@ -17,10 +17,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from models import load_model, resolve_model  # noqa: E402
+from lib import data  # noqa: E402
+from lib.models import load_model, resolve_model  # noqa: E402
 from rollout import HFEngine, VLLMEngine  # noqa: E402
-from vllm_engine import installed_vllm_version  # noqa: E402
+from lib.vllm_engine import installed_vllm_version  # noqa: E402
 
 
 def timed(engine, prompts, args):

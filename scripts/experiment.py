@@ -179,8 +179,8 @@ def teacher_length(args):
     """Mean length in tokens of the teacher solutions of the training set, EOS included (what SSI
     injects), or None when the data cannot be read here: the reference line of the length panel."""
     try:
-        import data
-        from models import load_model, resolve_model
+        from lib import data
+        from lib.models import load_model, resolve_model
         _, tok = load_model(resolve_model(train_flag(args, "model", "tiny")), need_weights=False)
         problems, _ = data.load_problems(train_flag(args, "data", "builtin"), "train")
         enc, _ = data.encode(tok, problems[:500], None, None)

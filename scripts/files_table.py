@@ -7,7 +7,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WHAT = {  # path -> what it holds; the order is the README's
+WHAT = {  # path -> what it holds; the order is the README's: the method at the root, then lib/
     "gate.py": "Eqs. 5-7 and Algorithm 1: confidence, gamma(t), the gate, SSI; Eq. 11's bound",
     "loss.py": "Eq. 2 advantages; fused chunked log-probs and entropy (never a [B, T, V] tensor); Eqs. 3, 8, 9",
     "hapo.py": "one HAPO step on groups: gate -> SSI (or LUFFY's N-1 + teacher) -> advantages -> batch -> loss; the methods",
@@ -15,28 +15,28 @@ WHAT = {  # path -> what it holds; the order is the README's
     "train.py": "the config dataclass and the loop, numbered as Figure 1: rollout -> ... -> checkpoint",
     "launch.py": "what train.py does once before its first step: policy, data, positions, engine, FSDP2, optimizer, resume",
     "rollout.py": "the engines' contract and the HF engine (transformers `generate`, sampler log-probs)",
-    "vllm_engine.py": "vLLM in the training process: in-place weight reload (tied heads), versions, CPU settings",
-    "weight_sync.py": "the trainer's weights as (checkpoint name, full tensor), one at a time, FSDP2 included",
     "reward.py": "Eq. 4: the last `\\boxed{}`, normalised and compared; structure, labels, units; checkers",
-    "latex.py": "the reward's TeX reader: fractions, matrices, Unicode, sets, big values",
-    "symbolic.py": "the reward's sympy (and math-verify) in worker processes under a hard deadline",
-    "data.py": "problems from `.jsonl`/`.parquet` (flat or OpenR1 layout), hub ids, the built-in task; tokens",
-    "task.py": "the built-in task: column sums, its teacher, the pairs the base model never saw",
-    "tiny.py": "the built-in model: byte-level tokenizer, tiny Qwen2, its pretraining (`python tiny.py` rebuilds)",
-    "models.py": "loading a policy: hub id, local dir, training out_dir, or `tiny` (train.py and eval.py)",
-    "parallel.py": "distributed state as a value, metric reduction, FSDP2",
-    "checkpoint.py": "atomic sharded checkpoints (every rank writes its shard) + the save_pretrained export, exact resume, fallback, the out_dir lock, preemption",
-    "plan.py": "will a run fit: memory per GPU, per node and on disk from config.json alone (`--plan`)",
-    "tracking.py": "metrics.jsonl, completions.jsonl, torn-line repair, optional trackers",
-    "evaluation.py": "avg@k and pass@1, `evaluate` (train.py's and eval.py's)",
-    "eval.py": "the command: the paper's Table 1 on benchmark files, resumable",
+    "eval.py": "avg@k and pass@1, `evaluate` (train.py's too), and the command: the paper's Table 1, resumable",
     "test_hapo.py": "the suite's entry point: tier 1 by hand here, the rest from tests/",
     "conftest.py": "the suite's two speeds: `--all` adds tier 3 (the tests marked slow)",
+    "lib/": "the machinery the loop calls, flat; it never imports from the root",
+    "lib/data.py": "problems from `.jsonl`/`.parquet` (flat or OpenR1 layout), hub ids, the built-in task; tokens",
+    "lib/task.py": "the built-in task: column sums, its teacher, the pairs the base model never saw",
+    "lib/tiny.py": "the built-in model: byte-level tokenizer, tiny Qwen2, its pretraining (`python -m lib.tiny` rebuilds)",
+    "lib/models.py": "loading a policy: hub id, local dir, training out_dir, or `tiny` (train.py and eval.py)",
+    "lib/parallel.py": "distributed state as a value, metric reduction, FSDP2",
+    "lib/checkpoint.py": "atomic sharded checkpoints (every rank writes its shard) + the save_pretrained export, exact resume, fallback, the out_dir lock, preemption",
+    "lib/plan.py": "will a run fit: memory per GPU, per node and on disk from config.json alone (`--plan`)",
+    "lib/vllm_engine.py": "vLLM in the training process: in-place weight reload (tied heads), versions, CPU settings",
+    "lib/weight_sync.py": "the trainer's weights as (checkpoint name, full tensor), one at a time, FSDP2 included",
+    "lib/tracking.py": "metrics.jsonl, completions.jsonl, torn-line repair, optional trackers",
+    "lib/latex.py": "the reward's TeX reader: fractions, matrices, Unicode, sets, big values",
+    "lib/symbolic.py": "the reward's sympy (and math-verify) in worker processes under a hard deadline",
+    "lib/tiny_base/": "the shipped base model (3.2 MB) and its build record",
     "tests/": "the tiers' modules, the reward's case tables, child-process drivers, the 7B/1.5B configs (no weights)",
     "scripts/": "experiment.py (Figure 2, several seeds), probe.py, files_table.py",
     "benchmarks/": "bench.py (against TRL), rollout_speed.py, gpu_check.py, their requirements",
     "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, BENCH.md, TESTING.md, REWARD.md, VLLM.md, SCALE.md, CHECKPOINTS.md, MODELS.md, figures",
-    "tiny_base/": "the shipped base model (3.2 MB) and its build record",
 }
 
 
@@ -60,7 +60,8 @@ def reading_path():
 
 if __name__ == "__main__":
     missing = [p for p in WHAT if not os.path.exists(os.path.join(ROOT, p))]
-    unlisted = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and f not in WHAT)
+    unlisted = sorted(f for d in ("", "lib") for f in (os.path.join(d, n) for n in os.listdir(os.path.join(ROOT, d)))
+                      if f.endswith(".py") and f not in WHAT and f != os.path.join("lib", "__init__.py"))
     if missing or unlisted:
         sys.exit(f"files_table.py: missing {missing}, not in the table {unlisted}")
     print(table())

@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
-import data  # noqa: E402
+from lib import data  # noqa: E402
 import hapo  # noqa: E402
-import task  # noqa: E402
+from lib import task  # noqa: E402
 from loss import sequence_logprobs  # noqa: E402
-from models import load_model, resolve_model  # noqa: E402
+from lib.models import load_model, resolve_model  # noqa: E402
 from reward import reward  # noqa: E402
 from rollout import HFEngine  # noqa: E402
 

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import data
-import task
-import tiny
-from data import DataError, Problem, builtin_task, encode, load_problems, render_prompt
+from lib import data
+from lib import task
+from lib import tiny
+from lib.data import DataError, Problem, builtin_task, encode, load_problems, render_prompt
 from reward import reward
 
 def _last_boxed(text):
@@ -321,7 +321,7 @@ def test_teachers_pass_the_reward():
 
 
 def _shipped():
-    from models import load_model, resolve_model
+    from lib.models import load_model, resolve_model
     record = json.load(open(f"{tiny.SHIPPED}/build.json"))
     return (*load_model(resolve_model("tiny"), dtype=torch.float32), record)
 
@@ -353,7 +353,7 @@ def test_shipped_base_model_adds_but_never_carries_into_a_fourth_column():
 @pytest.mark.slow
 def test_rebuild_replays_the_recorded_losses():
     """The build is deterministic: its first steps give the losses build.json recorded, so the
-    shipped weights are what `python tiny.py` makes. HAPO_FULL_REBUILD=1 replays all 3,000 steps
+    shipped weights are what `python -m lib.tiny` makes. HAPO_FULL_REBUILD=1 replays all 3,000 steps
     (about 10 minutes) and compares the weights themselves."""
     import os
     record = json.load(open(f"{tiny.SHIPPED}/build.json"))

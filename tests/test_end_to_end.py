@@ -41,7 +41,7 @@ def test_train_end_to_end_few_steps(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     trained = AutoModelForCausalLM.from_pretrained(os.path.join(out, ckpt)).state_dict()
     AutoTokenizer.from_pretrained(os.path.join(out, ckpt))
-    from models import load_model, resolve_model
+    from lib.models import load_model, resolve_model
     base = load_model(resolve_model("tiny"))[0].state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # the optimizer stepped
     sampler = engines[0].model.state_dict()
@@ -111,7 +111,7 @@ def test_readme_files_table_and_references_match_the_repository():
     assert script("files_table").reading_path() in readme, "paste the reading path files_table.py prints"
     for doc in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
         named = set(re.findall(r"[\w./-]+\.(?:md|py|png|txt)\b", open(doc).read()))
-        places = (ROOT, os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
+        places = (ROOT, os.path.join(ROOT, "lib"), os.path.join(ROOT, "docs"), os.path.join(ROOT, "scripts"), os.path.join(ROOT, "benchmarks"),
                   os.path.join(ROOT, "tests"))
         missing = {n for n in named if not n.startswith("vllm/")
                    and not any(os.path.exists(os.path.join(p, n)) for p in places)}
@@ -141,7 +141,7 @@ def test_train_logs_completions_and_mirrors_metrics_to_tensorboard(tmp_path, cap
 
 
 def test_report_to_a_missing_tracker_is_one_line(tmp_path, monkeypatch):
-    import tracking
+    from lib import tracking
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert tracking.check_trackers(["wandb"]) == "--report_to wandb needs the wandb package: pip install wandb"

@@ -83,7 +83,7 @@ def test_optimizer_step_is_the_same_however_the_batch_is_cut():
     not by its own: cut into runs of 3 rows, under a token budget, or packed, one SGD step moves the
     weights as the whole batch in one piece does, and logs the whole batch's loss and gradient norm."""
     from tests.test_options import _cfg
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
     whole, _ = batch_loss(tiny_qwen2(seed=4).double(), batch, "hapo", batch.num_tokens())
     ref = None
@@ -104,7 +104,7 @@ def test_first_of_several_updates_has_ratio_exactly_one():
     """pi_old is computed on the same micro-batches, at the same precision and temperature, as the
     loss: with lr 0 every update's ratio is exactly 1 (no spurious clipping)."""
     from tests.test_options import _cfg
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     model = tiny_qwen2(seed=2)
     batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -215,7 +215,7 @@ def test_two_ranks_train_checkpoint_and_resume_are_exact(tmp_path):
     # the exported policy is the whole model, gathered from the shards, and loads in transformers
     import torch
     from transformers import AutoModelForCausalLM
-    import tiny
+    from lib import tiny
     ckpt = os.path.join(a, open(os.path.join(a, "latest")).read().strip())
     assert ckpt.endswith("step_000004") and sorted(os.listdir(a)) == ["completions.jsonl", "latest", "lock",
                                                                        "metrics.jsonl", "step_000002", "step_000004"]
@@ -245,7 +245,7 @@ def test_two_ranks_load_the_weights_once_into_shards_equal_to_a_full_load(tmp_pa
     on the meta device and its host memory never grows by a full copy; rank 0 reads the weights and
     broadcasts them. Every shard, buffer and forward pass equals a full load on every rank."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    import tiny
+    from lib import tiny
     tok = tiny.make_tokenizer()
     torch.manual_seed(0)  # 41M parameters, 157 MiB in fp32: far above the noise of a process's memory
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=512, intermediate_size=1536,
@@ -270,7 +270,7 @@ def test_gpu_bf16_step_matches_the_fp32_reference():
     """On a GPU the update runs under bf16 autocast with token-budget micro-batches: its loss and
     gradient stay within bf16 rounding of the same step in fp32 on the CPU."""
     from tests.test_options import _cfg
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     batch = build_batch(_toy_groups(40, n_groups=4), "hapo", 0.8)
     out = {}
     for device in ("cpu", "cuda"):

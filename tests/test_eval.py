@@ -88,7 +88,7 @@ def _check_summary_matches_samples(out_dir):
 
 
 def test_metrics_by_hand():
-    from evaluation import avg_at_k, default_k, pass_at_1, summarize
+    from eval import avg_at_k, default_k, pass_at_1, summarize
     assert avg_at_k([[1.0, 0.0], [1.0, 1.0]]) == pass_at_1([[1.0, 0.0], [1.0, 1.0]]) == 0.75
     assert avg_at_k([[1.0], [1.0, 0.0, 0.0, 0.0]]) == pytest.approx(0.4)  # only if k differs
     assert pass_at_1([[1.0], [1.0, 0.0, 0.0, 0.0]]) == pytest.approx(0.625)
@@ -172,8 +172,8 @@ def test_cli_errors_are_one_line(tmp_path, scripted, capsys):
 
 
 def test_resolve_model(tmp_path):
-    import tiny
-    from models import resolve_model
+    from lib import tiny
+    from lib.models import resolve_model
     assert resolve_model("tiny") == tiny.SHIPPED
     assert resolve_model("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"  # a hub id, left to from_pretrained
     (tmp_path / "step_000010").mkdir()
@@ -215,9 +215,9 @@ def test_cli_resume_skips_finished_problems(tmp_path, scripted, capsys):
 
 
 def test_evaluate_keeps_rng_and_adds_no_bos():
-    import tiny
-    from data import Problem
-    from evaluation import evaluate
+    from lib import tiny
+    from lib.data import Problem
+    from eval import evaluate
     from rollout import HFEngine
     tok = tiny.make_tokenizer()
     engine = HFEngine(tiny.make_model(tok), tok)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import task
-from data import builtin_task, load_problems
+from lib import task
+from lib.data import builtin_task, load_problems
 from gate import gate, gate_open_probability, hoeffding_bound
 from reward import reward
 from tests.helpers import script
@@ -135,7 +135,7 @@ def test_builtin_spec_easy_and_teacher_options():
 
 def test_shipped_base_model_solves_the_easy_share_and_none_of_the_hard():
     """The variant's premise: the base model succeeds on its own on the easy prompts only."""
-    from models import load_model, resolve_model
+    from lib.models import load_model, resolve_model
     from rollout import HFEngine
     model, tok = load_model(resolve_model("tiny"), dtype=torch.float32)
     problems = builtin_task(n_train=10, n_eval=16, easy=0.5)[1]

@@ -29,7 +29,7 @@ def family_model(family, path=None, seed=0, init=0.02, vocab=None):
     """A 2-layer causal LM of `family` (qwen3, llama, gemma3) in fp32, with the built-in tokenizer;
     saved with it to `path` if given. (model, tokenizer)."""
     import transformers
-    import tiny
+    from lib import tiny
     tok = tiny.make_tokenizer()
     common = dict(vocab_size=vocab or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
@@ -114,9 +114,9 @@ def test_family_micro_batches_equal_whole_batch(family):
 def test_family_layers_head_and_sync_names_come_from_transformers_accessors(family):
     """FSDP2's per-layer units are the _no_split_modules classes; the weights synced to vLLM are the
     checkpoint's names, the LM head's left out exactly when it is tied."""
-    from models import check_family
-    from parallel import decoder_layers
-    from weight_sync import tied_head_names, weights_for_sync
+    from lib.models import check_family
+    from lib.parallel import decoder_layers
+    from lib.weight_sync import tied_head_names, weights_for_sync
     model, _ = family_model(family)
     layers = decoder_layers(model)
     assert layers == list(model.get_decoder().layers) and type(layers[0]).__name__ in model._no_split_modules
@@ -131,14 +131,14 @@ def test_family_layers_head_and_sync_names_come_from_transformers_accessors(fami
 def test_family_soft_capped_logits_are_refused_in_one_line():
     """Gemma 2 soft-caps its final logits, which loss.py's fused log-probs would leave out."""
     import transformers
-    from data import DataError
-    from models import check_family
+    from lib.data import DataError
+    from lib.models import check_family
     cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     with pytest.raises(DataError, match=r"^Gemma2ForCausalLM soft-caps its logits \(final_logit_softcapping=30.0\)"):
         check_family(transformers.Gemma2ForCausalLM(cfg))
     with pytest.raises(ValueError, match="lists no decoder-layer class"):
-        from parallel import decoder_layers
+        from lib.parallel import decoder_layers
         decoder_layers(torch.nn.Linear(2, 2))
 
 
@@ -194,7 +194,7 @@ def test_mismatch_metrics_by_hand():
 def test_rollout_correction_reaches_the_loss_and_the_step_metrics():
     """batch_loss with --is_level sequence --is_mode mask == hapo_loss with the hand-built weights, and
     update.optimize reports the mismatch metrics; off, the plain loss."""
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     from tests.test_options import _batch, _cfg
     from tests.helpers import tiny_qwen2
     model, batch = tiny_qwen2().double(), _batch()
@@ -353,7 +353,7 @@ def test_chat_template_teacher_tokens_are_what_the_policy_would_produce_after_th
     tokenizes the teacher's text on its own: those ids, EOS included, are exactly the tokens of the
     whole conversation after the prompt, as the template renders it with the teacher as the
     assistant's turn (so the policy, writing that text after the prompt, emits those ids)."""
-    import data
+    from lib import data
     from tests.helpers import box
     problems = [data.Problem([{"role": "system", "content": "Put the final answer in \\boxed{}."},
                               {"role": "user", "content": f"What is {a} + {b}?"}], str(a + b),

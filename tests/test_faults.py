@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from lib import checkpoint
 from tests.helpers import ROOT, TRAIN_SMALL, metrics, train_here
 
 FAST = TRAIN_SMALL + ["--eval_every", "100", "--log_completions_every", "0"]
@@ -126,8 +126,8 @@ def test_a_fresh_run_refuses_an_out_dir_that_holds_a_run(finished_run, capsys):
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     """Name-sorted pruning once deleted a new step_000002 beside an old run's step 4 and 6."""
-    import tiny
-    from parallel import Dist
+    from lib import tiny
+    from lib.parallel import Dist
     out = tmp_path / "run"
     for old in ("step_000004", "step_000006"):
         (out / old).mkdir(parents=True)
@@ -204,8 +204,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_files(s
 
 @pytest.mark.slow
 def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(tmp_path, capsys):
-    from models import load_model
-    from parallel import Dist
+    from lib.models import load_model
+    from lib.parallel import Dist
     base = str(tmp_path / "base")
     assert train_here(capsys, *FAST, "--max_steps", "4", "--save_every", "2", "--out_dir", base).returncode == 0
     damage = {"truncated state.pt": (lambda d: _truncate(d, "step_000004/state.pt"), "step_000002"),
@@ -268,7 +268,7 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_changed_lr(finished_r
     (["--dist_timeout_min", "0"], "--dist_timeout_min"), (["--save_dtype", "fp16"], "--save_dtype")])
 def test_bad_flags_are_one_line_before_any_work(flags, words, capsys):
     import train
-    from parallel import Dist
+    from lib.parallel import Dist
     with pytest.raises(SystemExit) as e:
         train.parse_args(flags, Dist())
     err = capsys.readouterr().err.strip()
@@ -281,7 +281,7 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_metrics_with_a_torn_last_line_are_repaired_on_resume(tmp_path):
-    import tracking
+    from lib import tracking
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 3, "x"')
     inode = os.stat(path).st_ino

@@ -95,7 +95,7 @@ def _batch():
 
 
 def test_entropy_bonus_lowers_the_loss_by_coef_times_mean_entropy():
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     model, batch = tiny_qwen2().double(), _batch()
     n = batch.num_tokens()
     plain, stats = hapo.batch_loss(model, batch, "hapo", n)
@@ -109,7 +109,7 @@ def test_entropy_bonus_lowers_the_loss_by_coef_times_mean_entropy():
 
 def test_constant_normaliser_luffy_script():
     model, batch = tiny_qwen2().double(), _batch()
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     token_mean = update.optimize(Policy(model), opt, batch, _cfg(), Dist(), lr=0.0)["train/loss"]
     constant = update.optimize(Policy(model), opt, batch, _cfg(loss_norm="constant"), Dist(), lr=0.0)["train/loss"]

@@ -34,7 +34,7 @@ def test_grad_checkpointing_step_equals_the_plain_step(tmp_path):
 
 def test_grad_checkpointing_is_on_after_wrap():
     """parallel.wrap turns checkpointing on in every decoder layer, non-reentrant (FSDP2 composes with it)."""
-    import parallel
+    from lib import parallel
     model = tiny_qwen2()
     parallel.wrap(model, parallel.Dist(), grad_checkpointing=True)
     layers = model.model.layers
@@ -84,9 +84,9 @@ def test_too_few_positions_refused_in_one_line_hf(tmp_path, capsys):
 def test_position_overrides_reach_the_trainers_model():
     """--max_positions and --rope_theta change the loaded model (RoPE's frequencies), not only its config:
     transformers 5 drops a plain rope_theta= keyword to from_pretrained without a word."""
-    import tiny
-    from models import check_positions, load_model, position_overrides
-    from data import DataError
+    from lib import tiny
+    from lib.models import check_positions, load_model, position_overrides
+    from lib.data import DataError
     plain, _ = load_model(tiny.SHIPPED, dtype=torch.float32)
     model, _ = load_model(tiny.SHIPPED, dtype=torch.float32, rope_theta=40000, max_positions=1024)
     assert model.config.max_position_embeddings == 1024 and model.config.rope_parameters["rope_theta"] == 40000
@@ -117,9 +117,9 @@ def test_every_sample_gets_its_own_seed():
     samples (seed + j, vllm/v1/engine/parallel_sampling.py; test_vllm_seeds_expand_as_vllm_does checks it
     on vLLM's own code): M x N distinct streams, in one call and over evaluate()'s chunks of problems."""
     from types import SimpleNamespace
-    import data
-    import tiny
-    from evaluation import evaluate
+    from lib import data
+    from lib import tiny
+    from eval import evaluate
     from rollout import VLLMEngine
     seeds = []
 
@@ -176,7 +176,7 @@ def test_vllm_too_few_positions_refused_in_one_line(tmp_path, capsys):
 def stretched(tmp_path_factory):
     """(engine, trainer, plain, tok): vLLM and the trainer's model with the same position overrides, built
     through the project's own functions, and the model as saved (64 positions, rope_theta 10000)."""
-    from models import load_config, load_model, position_overrides
+    from lib.models import load_config, load_model, position_overrides
     path = tmp_path_factory.mktemp("positions")
     plain, tok = vllm_test_model(path, tie=True, max_positions=64)
     overrides = position_overrides(load_config(str(path)), rope_theta=40000, max_positions=256)
@@ -228,7 +228,7 @@ def test_optimize_frees_the_gradients_before_the_rollout():
     """After the step no gradient is held (they would sit through the next rollout, a model's worth of
     fp32 per rank): after a taken step, after a skipped one, and with several mini-batches."""
     import update
-    from parallel import Dist, Policy
+    from lib.parallel import Dist, Policy
     from tests.helpers import build_batch
     from tests.test_equivalence import _toy_groups
     from tests.test_options import _cfg
@@ -250,7 +250,7 @@ def test_weights_for_sync_casts_each_shard_before_gathering(tmp_path):
     import torch.distributed as tdist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from weight_sync import weights_for_sync
+    from lib.weight_sync import weights_for_sync
     model = tiny_qwen2(seed=4, tie=False)
     want = {name: p.detach().to(torch.bfloat16) for name, p in model.named_parameters()}
     got = dict(weights_for_sync(model, torch.bfloat16))

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from reward import extract_boxed, is_equiv, reward
-from symbolic import check_checker
+from lib.symbolic import check_checker
 from tests.helpers import ROOT, box
 from tests.reward_cases import CASES
 from tests.reward_realistic import DEV
@@ -148,7 +148,7 @@ def test_many_threads_at_once():
 
 
 def test_worker_is_cleaned_up_at_exit_and_fork_safe():
-    script = ("import multiprocessing as mp, reward, symbolic\n"
+    script = ("import multiprocessing as mp, reward\nfrom lib import symbolic\n"
               "assert reward.reward('\\\\boxed{\\\\sqrt{8}}', '2\\\\sqrt{2}') == 1.0\n"
               "print(*[w.proc.pid for w in symbolic._live])\n"
               "ctx = mp.get_context('fork'); q = ctx.Queue()\n"  # a forked child gets workers of its own

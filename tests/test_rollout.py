@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rollout import HFEngine, check_vllm_version, make_engine, resolve_engine
-from weight_sync import hf_name, weights_for_sync
+from lib.weight_sync import hf_name, weights_for_sync
 from tests.helpers import fake_tok, tiny_qwen2
 
 

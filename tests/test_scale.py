@@ -46,7 +46,7 @@ def fake_policy(path, world, cfg):
     """(policy, model, config): the model of `path` on the meta device, wrapped by parallel.wrap as a
     rank of `world` on a GPU would be (bf16 FSDP2), then given fake storage. Call inside FakeTensorMode
     for the last step; the sharding itself runs outside it (DeviceMesh reads real rank numbers)."""
-    import parallel
+    from lib import parallel
     from transformers import AutoConfig, Qwen2ForCausalLM
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
@@ -61,7 +61,7 @@ def rehearse(path, world, cfg):
     of cfg's shape through forward, backward and AdamW's step on rank 0 of `world`, with AdamW's
     state and an earlier micro-batch's gradients already there (the steady state of a step)."""
     import hapo
-    import plan
+    from lib import plan
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     tdist = fake_world(world)
@@ -96,7 +96,7 @@ def rehearse(path, world, cfg):
 
 
 def _weights(model):
-    import weight_sync
+    from lib import weight_sync
     return weight_sync.weights_for_sync(model)
 
 
@@ -118,7 +118,7 @@ def test_plan_matches_fsdp2_memory_tracker(name, world, checkpointing):
 @pytest.mark.slow
 def test_plan_would_catch_a_wrong_model():
     """The tolerance is not so wide that a plan without grad checkpointing passes for one with it."""
-    import plan
+    from lib import plan
     from transformers import AutoConfig
     s = plan.shape_of(AutoConfig.from_pretrained(QWEN_7B))
     with_ckpt = plan.trainer(s, recipe(), 8)["peak"]
@@ -195,7 +195,7 @@ def test_clip_grad_norm_keeps_shards():
     nothing the size of the gradients (a small model, 8 fake ranks, real storage)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    import parallel
+    from lib import parallel
     tdist = fake_world(8)
     try:
         config = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
@@ -233,7 +233,7 @@ def run_plan(capsys, model, *flags):
 
 
 def test_plan_parameters_and_kv_cache_by_hand():
-    import plan
+    from lib import plan
     from transformers import AutoConfig
     s7, s15 = (plan.shape_of(AutoConfig.from_pretrained(p)) for p in (QWEN_7B, QWEN_15B))
     # 7B: 28 x (q 3584^2 + 3584, k and v 512 x 3584 + 512, o 3584^2, MLP 3 x 3584 x 18944, norms 2 x 3584)

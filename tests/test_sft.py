@@ -14,7 +14,7 @@ import hapo
 import update
 from hapo import batch_loss, pack, teacher_only
 from loss import hapo_loss
-from parallel import Dist, Policy
+from lib.parallel import Dist, Policy
 from tests.helpers import TRAIN_SMALL, tiny_qwen2
 
 # metrics that only rollouts give a meaning: an sft row leaves them out rather than logging zeros
@@ -182,7 +182,7 @@ def test_train_sft_leaves_out_unverified_teachers(tmp_path, capsys):
 def test_sft_then_grpo_starts_from_the_sft_out_dir_with_a_fresh_optimizer(tmp_path, monkeypatch):
     """SFT-then-RL: `--model <sft out_dir>` loads its latest checkpoint's weights, and the RL run starts at
     step 0 with a fresh optimizer: a new run, not a resumed one."""
-    import models
+    from lib import models
     import train
     sft, rl = str(tmp_path / "sft"), str(tmp_path / "grpo")
     train.main(TRAIN_SMALL + ["--max_steps", "2", "--out_dir", sft, "--method", "sft"])

@@ -35,7 +35,7 @@ def vllm_test_model(path, tie, seed=0, max_positions=256, vocab=None):
     initializer_range 0.2 keeps greedy decoding far from argmax ties. `vocab` may exceed the tokenizer's
     257 ids, as Qwen2.5's 151,936 rows exceed its tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    import tiny
+    from lib import tiny
     tok = tiny.make_tokenizer()
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -139,7 +139,7 @@ def test_vllm_sync_streams_tensors_in_the_engine_dtype(tmp_path, monkeypatch):
     The vocabulary is a multiple of 64, as Qwen2.5's is: vLLM pads other sizes to one, and then keeps
     the embedding (an incomplete layer to it) until the end of the reload."""
     import weakref
-    import vllm_engine
+    from lib import vllm_engine
     model, tok = vllm_test_model(tmp_path, tie=True, vocab=320)  # an fp32 trainer
     engine = vllm_test_engine(tmp_path, tok, dtype="bfloat16")
     assert engine.dtype == torch.bfloat16

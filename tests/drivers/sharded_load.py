@@ -16,8 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import models  # noqa: E402
-import parallel  # noqa: E402
+from lib import models  # noqa: E402
+from lib import parallel  # noqa: E402
 from rollout import HFEngine  # noqa: E402
 
 

@@ -16,10 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import data  # noqa: E402
+from lib import data  # noqa: E402
 import hapo  # noqa: E402
-import parallel  # noqa: E402
-import tiny  # noqa: E402
+from lib import parallel  # noqa: E402
+from lib import tiny  # noqa: E402
 import train  # noqa: E402
 import update  # noqa: E402
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import parallel  # noqa: E402
+from lib import parallel  # noqa: E402
 from tests.test_vllm import _prompts, hf_greedy, perturb_every_parameter, vllm_test_engine  # noqa: E402
 
 out_dir, model_dir = sys.argv[1], sys.argv[2]

@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from data import one_line
-from parallel import all_sum, broadcast
+from lib.data import one_line
+from lib.parallel import all_sum, broadcast
 
 
 class CheckpointError(Exception):

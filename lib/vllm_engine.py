@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from weight_sync import weights_for_sync
+from lib.weight_sync import weights_for_sync
 
 # vLLM releases this engine supports, [first, last) by (major, minor). 0.16 is the first whose worker has
 # `reload_weights(weights_iterator=...)` with layerwise re-processing (0.15.1's has no iterator argument);
@@ -150,8 +150,8 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, rank: int = 0, world_size: int = 1, hf_overrides: dict | None = None,
                  **llm_kwargs):
         if max_model_len is not None:  # before vLLM starts: its own refusal is a page of pydantic
-            from data import DataError
-            from models import check_positions, load_config
+            from lib.data import DataError
+            from lib.models import check_positions, load_config
             config = load_config(model_path)
             config.update(hf_overrides or {})
             try:

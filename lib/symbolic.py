@@ -12,7 +12,7 @@ huge factorials are refused before evaluation (_digits), while values cheap to h
 """
 import atexit, hashlib, importlib, importlib.util, json, math, os, select, subprocess, sys, threading, time
 
-from latex import bound, names
+from lib.latex import bound, names
 
 STARTUP_TIMEOUT = 30.0  # a new worker imports sympy (~0.3-1 s) once; not counted in the budget
 MAX_DIGITS = 100_000  # a value with more digits than this is too expensive to evaluate
@@ -177,8 +177,8 @@ class _Worker:
 
     def __init__(self):
         self.loaded = set(_preload)  # modules imported at start-up, besides sympy
-        self.proc = subprocess.Popen([sys.executable, _HERE, "--worker", *sorted(self.loaded)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+        self.proc = subprocess.Popen([sys.executable, "-m", "lib.symbolic", "--worker", *sorted(self.loaded)], cwd=_ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
         self.buf, self.ready = b"", False
         _live.add(self)
 
@@ -212,7 +212,7 @@ class _Worker:
         self.proc.wait()
 
 
-_HERE = os.path.abspath(__file__)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the worker runs -m lib.symbolic from here
 _live, _idle, _lock, _cache, _preload = set(), [], threading.Lock(), {}, set()
 
 

@@ -6,8 +6,8 @@ trained for 3,000 steps on worked sums (task.py's format): every sum of numbers 
 of rows) 20,000 three-digit sums whose total stays below 1000. It adds those without fault, and has
 never carried into a fourth column, which the built-in task asks for.
 
-    python tiny.py                  # rebuild tiny_base/ (about 10 minutes on 2 CPU cores)
-    python tiny.py --out DIR        # build elsewhere, and compare with the shipped one
+    python -m lib.tiny                  # rebuild tiny_base/ (about 10 minutes on 2 CPU cores)
+    python -m lib.tiny --out DIR        # build elsewhere, and compare with the shipped one
 
 The build is deterministic: it records its loss at every step in `build.json`, and the tests replay
 its first steps against that record.
@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-import task
+from lib import task
 
 TINY = "tiny"  # train.py --model default: the shipped base model below
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_base")

@@ -9,9 +9,9 @@ import re
 
 import torch
 
-import checkpoint
-import tiny
-from data import DataError, one_line
+from lib import checkpoint
+from lib import tiny
+from lib.data import DataError, one_line
 
 
 def resolve_model(name: str) -> str:
@@ -19,7 +19,7 @@ def resolve_model(name: str) -> str:
     its latest checkpoint. Raises DataError for a path that does not exist and is no hub id either."""
     if name == tiny.TINY:
         if not os.path.exists(os.path.join(tiny.SHIPPED, "model.safetensors")):
-            raise DataError(f"the built-in model is missing from {tiny.SHIPPED}: rebuild it with `python tiny.py`")
+            raise DataError(f"the built-in model is missing from {tiny.SHIPPED}: rebuild it with `python -m lib.tiny`")
         return tiny.SHIPPED
     if os.path.isfile(os.path.join(name, "latest")) and not os.path.exists(os.path.join(name, "config.json")):
         found = checkpoint.latest(name)  # a training out_dir: its newest checkpoint

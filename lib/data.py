@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import task
+from lib import task
 
 
 class DataError(Exception):
