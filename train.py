@@ -4,41 +4,36 @@
     python train.py --method grpo                     # the same run without a teacher
     python train.py --method sft --out_dir out/sft    # imitation alone; then RL from it, a fresh optimizer:
     python train.py --method grpo --model out/sft --out_dir out/sft-grpo   # SFT-then-RL
-    python train.py --model Qwen/Qwen2.5-Math-7B --data Elliott/Openr1-Math-46k-8192 ...  # README
-    torchrun --nproc_per_node 8 train.py ...          # FSDP2, one vLLM engine per rank
+    python train.py --model Qwen/Qwen2.5-Math-7B      # the paper's run: its recipe, every GPU of the node
+    torchrun --nnodes 2 --nproc_per_node 8 ... train.py --model ...   # several nodes: FSDP2, vLLM per rank
 
 Each step: rollout -> reward -> confidence and gate -> SSI -> advantages -> loss -> optimizer step
 -> weight sync -> log -> checkpoint. The algorithm itself lives in gate.py, loss.py and hapo.py.
 """
 
-import argparse
 import dataclasses
-import inspect
+import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 
-from lib import checkpoint
-from lib import data
 import hapo
 import launch
-from lib import parallel
-from lib import plan
-from lib import task
-from lib import tiny
-from lib import tracking
 import update
+from lib import checkpoint, data, parallel, plan, preflight, recipes, task, tiny, tracking
 from lib.checkpoint import CheckpointError
 from lib.data import DataError
 from gate import SCHEDULES, threshold
 from reward import CHECKERS, check_checker
+from rollout import resolve_engine, truncated
 
 
 @dataclass
 class Config:
+    """HAPO training; the defaults are the laptop recipe, and any other model's are the paper's (lib/recipes.py)."""
     model: str = tiny.TINY  # hub id, local dir, or "tiny" (the shipped built-in base model)
+    recipe: str = "auto"  # auto | laptop | paper: auto gives the built-in model the laptop's, any other the paper's
     data: str = task.BUILTIN  # "builtin", a .jsonl/.parquet file, or a hub data set id
     eval_data: str = ""  # held-out problems (same formats); default: the eval split of "builtin"
     method: str = "hapo"  # hapo | grpo | luffy | srft | sft (hapo.py's table)
@@ -96,9 +91,12 @@ class Config:
     attn: str = "sdpa"  # attention: sdpa | eager | flash_attention_2/3 (their varlen kernels make --pack pay off)
     progress: bool = True  # tqdm bar
     plan: str = ""  # [NODESx]GPUSxGIB (8x80, 2x8x80): print whether this run fits, from config.json alone, and exit
+    preflight: bool = True  # before any weight is read, stop in one line if the run does not fit this machine
+    nproc: int = 0  # ranks to start on this node without torchrun (0: one per visible GPU; 1: one process)
+    print_config: bool = False  # print the resolved config as one JSON object and exit (no weights, data or GPU)
 
 
-CHOICES = {"method": sorted(hapo.METHODS), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
+CHOICES = {"method": sorted(hapo.METHODS), "recipe": ("auto", "laptop", "paper"), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
            "loss_norm": ("token_mean", "constant"), "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
            "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "save_dtype": ("auto", "bf16", "fp32"),
            "is_level": ("token", "sequence"), "is_mode": ("truncate", "mask")}
@@ -123,7 +121,7 @@ def problems_with(cfg, world):
               (cfg.temperature > 0, "--temperature must be > 0 (the trainer's log-probs are of logits / T)"),
               (cfg.eval_temperature >= 0, "--eval_temperature must be >= 0 (0: greedy)"),
               (cfg.eval_every >= 1 and cfg.save_every >= 1, "--eval_every and --save_every must be >= 1"),
-              (cfg.dist_timeout_min > 0, "--dist_timeout_min must be > 0"),
+              (cfg.dist_timeout_min > 0 and cfg.nproc >= 0, "--dist_timeout_min must be > 0 and --nproc >= 0"),
               (cfg.eval_problems >= 0 and cfg.log_completions_every >= 0,
                "--eval_problems and --log_completions_every must be >= 0"),
               (0 < cfg.vllm_gpu_memory <= 1 and cfg.tensor_parallel >= 1,
@@ -151,34 +149,16 @@ def fail(msg, dist, code=2, kind="error: "):
 
 
 def parse_args(argv, dist):
-    """The command line into a Config (one flag per field, help from the field's comment), checked."""
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, not the usage screen
-            fail(f"{message} (see --help)", dist)
-    docs = dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))
-    p = Parser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
-        p.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), choices=CHOICES.get(f.name), **kind)
-    cfg = Config(**vars(p.parse_args(argv)))
-    try:  # a plan's ranks are those of the hardware it names
-        world = plan.parse_hardware(cfg.plan).world if cfg.plan else dist.world
+    """The command line into a Config under its recipe (lib/recipes.py), checked: (config, the recipe's line)."""
+    error = lambda msg: fail(msg, dist)
+    cfg, note = recipes.parse(Config, argv, error, CHOICES)
+    try:  # the ranks are those of the hardware a plan names, or those this run will start
+        world = plan.parse_hardware(cfg.plan).world if cfg.plan else dist.world * parallel.ranks_to_start(cfg.nproc)
     except ValueError as e:
-        p.error(str(e))
+        error(f"{e} (see --help)")
     if msg := problems_with(cfg, world):
-        p.error(msg)
-    return cfg
-
-
-def plan_only(cfg):
-    """--plan: the memory table and its JSON line (plan.py); exit 0 whether or not the run fits."""
-    from lib.models import resolve_model
-    try:
-        if parallel.from_env().master:  # under torchrun, one table
-            plan.main(cfg, resolve_model(cfg.model))
-    except (DataError, OSError, ValueError) as e:  # no config.json here nor in the hub cache
-        fail(f"--plan: could not read the config.json of '{cfg.model}' ({str(e).splitlines()[0][:200]}); "
-             "give a local directory or download it first (hf download MODEL config.json)", parallel.from_env())
+        error(f"{msg} (see --help)")
+    return cfg, note
 
 
 # ----------------------------------------------------------------------------
@@ -186,15 +166,32 @@ def plan_only(cfg):
 
 
 def main(argv=None):
-    cfg = parse_args(argv, parallel.from_env())
-    if cfg.plan:  # before any weights, data or process group: plan.py reads the model's config.json only
-        return plan_only(cfg)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, note = parse_args(argv, parallel.from_env())
+    if cfg.print_config:  # the recipe's values under the flags given; nothing is read
+        return print(json.dumps(dataclasses.asdict(cfg)))
+    ranks, here = parallel.ranks_to_start(cfg.nproc), parallel.from_env()  # ranks: 0 under torchrun
+    if cfg.plan or cfg.preflight:  # config.json alone, before any weight, data or process group (lib/preflight.py)
+        try:
+            engine = cfg.rollout if cfg.plan else resolve_engine(cfg.rollout)[0]  # a plan is for GPUs elsewhere
+            verdict = preflight.run(cfg, ranks or here.world, argv, engine, here.master)
+        except (DataError, ImportError, ValueError) as e:
+            fail(str(e), here)
+        if cfg.plan:
+            return
+        if verdict:
+            fail(f"{verdict} (--no-preflight: go on anyway)", here)
+    if ranks > 1:  # one rank per GPU (or --nproc), started as torchrun would start them
+        print(f"train.py: starting {ranks} ranks on this node (torchrun --standalone --nproc_per_node {ranks}); "
+              "--nproc 1 runs one process", flush=True)
+        sys.exit(parallel.spawn(ranks, os.path.abspath(__file__), argv))
     dist = parallel.init(cfg.dist_timeout_min)
+    if dist.master:
+        print(note, flush=True)
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars and log lines say enough
     from tqdm import tqdm
     from eval import evaluate
-    from rollout import truncated
 
     lock, error = None, None
     if dist.master:  # rank 0 owns the out_dir; every rank learns whether it may start

@@ -319,7 +319,8 @@ MAY_CHANGE_ON_RESUME = {"lr", "lr_schedule", "warmup_steps", "weight_decay", "ma
                         "save_dtype", "dist_timeout_min",
                         "eval_problems", "out_dir", "resume", "overwrite", "report_to", "log_completions_every",
                         "progress", "rollout", "vllm_gpu_memory", "vllm_sleep", "tensor_parallel",
-                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn"}
+                        "grad_checkpointing", "chunk_size", "micro_batch", "micro_batch_tokens", "pack", "attn",
+                        "recipe", "preflight", "nproc", "print_config", "plan"}
 
 
 

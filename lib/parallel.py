@@ -34,6 +34,27 @@ def from_env() -> Dist:
     return Dist(rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"))
 
 
+def ranks_to_start(nproc: int) -> int:
+    """How many ranks train.py starts itself: none under torchrun (it started this process), else --nproc,
+    where 0 means one per visible GPU (and one process on a CPU)."""
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return 0
+    return nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def spawn(n: int, script: str, argv: list) -> int:
+    """`torchrun --standalone --nproc_per_node n script argv`, through the same elastic launcher in this
+    process: the same environment for every rank (RANK, LOCAL_RANK, OMP_NUM_THREADS, ...). Returns the
+    exit code of the first rank that failed (its own one-line error is already printed), else 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(n), script, *argv]))
+    except ChildFailedError as e:
+        return next((f.exitcode for _, f in sorted(e.failures.items()) if f.exitcode), 1)
+    return 0
+
+
 def init(timeout_min: float = 60) -> Dist:
     """from_env(), and the process group when there are several ranks (NCCL on GPUs, gloo on CPUs).
     A rank waits `timeout_min` minutes in a collective before the job aborts: NCCL's default of 10

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 GiB = 2 ** 30
-RANK_HOST_GIB = 4.0  # host RAM of one rank's process (torch, CUDA, vLLM): an estimate
+RANK_HOST_GIB = 8.0  # host RAM of one rank's process running CUDA and vLLM (measured parts: docs/SCALE.md)
 CUDA_RUNTIME_GIB = 1.5  # CUDA context, cuBLAS workspaces, NCCL buffers: outside both allocators
 FRAGMENTATION = 0.95  # a plan fits when it stays under this share of the card (the allocator rounds)
 VLLM_TOKENS, VLLM_SEQS = 16384, 1024  # vLLM's profiling batch: tokens per step, sampler rows (its defaults)
@@ -47,6 +47,11 @@ def parse_hardware(text):
     if not m or int(m[1] or 1) < 1 or int(m[2]) < 1 or float(m[3]) <= 0:
         raise ValueError(f"--plan '{text}' is not [NODESx]GPUSxGIB (e.g. 8x80, 2x8x80, 1x24)")
     return Hardware(int(m[1] or 1), int(m[2]), float(m[3]))
+
+
+def plan_name(hw):
+    """Hardware -> the --plan value that names it: `8x80`, `2x8x80`, `1x79.2`."""
+    return (f"{hw.nodes}x" if hw.nodes > 1 else "") + f"{hw.gpus}x{round(hw.gib, 1):g}"
 
 
 @dataclass(frozen=True)
@@ -130,9 +135,10 @@ def activations(s, cfg, tokens, rows, longest):
     return layer, shared, head
 
 
-def trainer(s, cfg, world):
+def trainer(s, cfg, world, cuda=True):
     """The trainer's bytes on one GPU at its peak, by part (a dict). The peak is a micro-batch's
-    backward with the AdamW state and the earlier micro-batches' gradients already there."""
+    backward with the AdamW state and the earlier micro-batches' gradients already there. cuda=False:
+    the same step on a CPU (the rehearsal's and the pre-flight's), which makes one more copy of the head."""
     tokens, rows, longest = micro_batch(cfg, s, world)
     layer, shared, head = activations(s, cfg, tokens, rows, longest)
     V, H, I = s.vocab, s.hidden, s.inter
@@ -142,20 +148,23 @@ def trainer(s, cfg, world):
         saved = s.layers * tokens * 2 * H + layer + shared
     else:
         saved = s.layers * layer + shared
-    # the last layer's backward: its gradients of the MLP's three [tokens, I] blocks and of the hidden
-    layer_backward = tokens * (6 * I + 4 * H)
+    # the last layer's backward: its gradients of the MLP's three [tokens, I] blocks and of the hidden;
+    # under FSDP2 also the layer's unsharded bf16 gradient, alive until its reduce-scatter ends
+    layer_params = sum(numel(x) for x in layer_shapes(s))
+    layer_backward = tokens * (6 * I + 4 * H) + (2 * layer_params if world > 1 else 0)
     # the fused log-probs' backward (loss.py): a [chunk, V] block in fp32 and bf16, the head's
-    # gradient per chunk in bf16, its fp32 copy and the fp32 sum, and the hidden states' gradient
-    logits = min(cfg.chunk_size, tokens) * V * 6 + V * H * 10 + tokens * 2 * H
+    # gradient per chunk in bf16 and the fp32 sum (on a CPU also an fp32 copy), the hidden states' gradient
+    logits = min(cfg.chunk_size, tokens) * V * 6 + V * H * (6 if cuda else 10) + tokens * 2 * H
     before_layers = saved - layer if cfg.grad_checkpointing else saved  # what the logits' backward sees
     out["activations"] = saved
     out["layer backward"] = layer_backward
     out["logits backward"] = head + logits
-    layer_params = sum(numel(x) for x in layer_shapes(s))
     if world > 1:  # FSDP2: the root in bf16 for the whole step, a layer and its prefetch, a layer's fp32 gradient
         out["all-gathers"] = 2 * sum(numel(x) for x in root_shapes(s)) + 2 * 2 * layer_params + 4 * layer_params
-    else:  # autocast keeps a bf16 copy of every weight it casts, and loss.py casts the head once more
+    elif cuda:  # autocast keeps a bf16 copy of every weight it casts, and loss.py casts the head once more
         out["all-gathers"] = 2 * parameters(s) + 2 * V * H
+    else:  # one CPU process trains in fp32: nothing is cast
+        out["all-gathers"] = 0
     out["weight sync"] = 4 * V * H  # one full tensor at a time, the largest the embeddings: after the step
     step = sum(out[k] for k in ("parameters", "gradients", "optimizer", "all-gathers"))
     backward = max(saved + layer_backward, before_layers + head + logits)  # the larger of the two backward peaks
@@ -204,14 +213,15 @@ def host_and_disk(s, cfg, hw):
     state = 12 * P  # fp32 parameters and AdamW's two moments, as torch.distributed.checkpoint shards
     return {"host start": base + 4 * P,  # rank 0 reads the fp32 weights once and broadcasts them
             "host save": base + save_bytes * P,
-            "checkpoint": state + save_bytes * P, "per rank write": state / hw.world, "export": save_bytes * P}
+            "checkpoint": state + save_bytes * P, "per rank write": state / hw.world, "export": save_bytes * P,
+            "disk": 3 * (state + save_bytes * P)}  # two kept, and the one being written before the oldest goes
 
 
 # ----------------------------------------------------------------------------
 # the plan
 
 
-def plan(config, cfg, hw):
+def plan(config, cfg, hw, cuda=True):
     """Everything the table prints, in bytes, with `fits` and the warnings (a dict). --rollout auto
     is taken for vLLM (what it picks on GPUs); --vllm_sleep frees vLLM's KV cache and weights
     during the training step (level 1), so the trainer's peak meets vLLM's overhead only."""
@@ -221,7 +231,7 @@ def plan(config, cfg, hw):
     n = cfg.group_size - 1 if cfg.method in ("luffy", "srft") else cfg.group_size
     rollouts = cfg.batch_prompts // (hw.world // tp) * n  # what one engine samples per step
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    t, d = trainer(s, cfg, hw.world), host_and_disk(s, cfg, hw)
+    t, d = trainer(s, cfg, hw.world, cuda), host_and_disk(s, cfg, hw)
     v = hf_engine(s, hw.world, rollouts, seq) if cfg.rollout == "hf" else vllm(s, cfg, hw.gib, tp)
     runtime, card = CUDA_RUNTIME_GIB * GiB, hw.gib * GiB
     resting = t["parameters"] + t["gradients"] + t["optimizer"]  # the trainer while the engine samples
@@ -256,11 +266,11 @@ def plan(config, cfg, hw):
             "vllm_gpu_memory": cfg.vllm_gpu_memory}
 
 
-def headroom(config, cfg, hw):
+def headroom(config, cfg, hw, cuda=True):
     """(the largest --vllm_gpu_memory, in steps of 0.05, and the largest --micro_batch_tokens, in
     steps of 1,024, that fit with the other flags as given; None where none does)."""
     import dataclasses
-    fit = lambda **kw: plan(config, dataclasses.replace(cfg, **kw), hw)["fits"]
+    fit = lambda **kw: plan(config, dataclasses.replace(cfg, **kw), hw, cuda)["fits"]
     memory = next((f / 20 for f in range(19, 0, -1) if fit(vllm_gpu_memory=f / 20)), None)
     tokens = next((k * 1024 for k in range(256, 0, -1) if fit(micro_batch_tokens=k * 1024)), None)
     return memory, tokens
@@ -271,7 +281,7 @@ def summary(p):
     return {"per_gpu_gib": round(p["per_gpu"] / GiB, 2), "trainer_gib": round(p["trainer"]["peak"] / GiB, 2),
             "vllm_gib": round(p["vllm"]["total"] / GiB, 2), "kv_cache_tokens": p["vllm"]["kv tokens"],
             "kv_cache_sequences": p["vllm"]["kv tokens"] // p["seq"], "micro_batch_tokens": p["trainer"]["tokens"],
-            "checkpoint_gb": round(p["disk"]["checkpoint"] / 1e9, 1),
+            "checkpoint_gb": round(p["disk"]["checkpoint"] / 1e9, 1), "disk_gb": round(p["disk"]["disk"] / 1e9, 1),
             "host_ram_gib": round(max(p["disk"]["host start"], p["disk"]["host save"]) / GiB, 1),
             "world": p["hardware"].world, "fits": p["fits"], "warnings": p["warnings"]}
 
@@ -309,7 +319,8 @@ def table(p, room=None):
             line("", "at a save", d["host save"], "the export, gathered on rank 0"),
             "disk",
             f"  {'':<10}{'checkpoint':<24}{d['checkpoint'] / 1e9:7.1f}   GB: sharded fp32 state "
-            f"{(d['checkpoint'] - d['export']) / 1e9:.1f} + export {d['export'] / 1e9:.1f}; two are kept",
+            f"{(d['checkpoint'] - d['export']) / 1e9:.1f} + export {d['export'] / 1e9:.1f}",
+            f"  {'':<10}{'during a save':<24}{d['disk'] / 1e9:7.1f}   GB: two kept and the one being written",
             f"  {'':<10}{'one save, per rank':<24}{d['per rank write'] / 1e9:7.1f}   GB, all ranks at once "
             f"(rank 0 also the export)"]
     if room:

@@ -92,7 +92,7 @@ def rehearse(path, world, cfg):
     finally:
         tdist.destroy_process_group()
     measured = {getattr(k, "value", k): v for k, v in peak.items()}
-    return measured, plan.trainer(plan.shape_of(config), cfg, world)
+    return measured, plan.trainer(plan.shape_of(config), cfg, world, cuda=False)
 
 
 def _weights(model):
@@ -121,8 +121,8 @@ def test_plan_would_catch_a_wrong_model():
     from lib import plan
     from transformers import AutoConfig
     s = plan.shape_of(AutoConfig.from_pretrained(QWEN_7B))
-    with_ckpt = plan.trainer(s, recipe(), 8)["peak"]
-    without = plan.trainer(s, recipe(grad_checkpointing=False), 8)["peak"]
+    with_ckpt = plan.trainer(s, recipe(), 8, cuda=False)["peak"]
+    without = plan.trainer(s, recipe(grad_checkpointing=False), 8, cuda=False)["peak"]
     assert without > 3 * with_ckpt
 
 

@@ -66,7 +66,7 @@ def new_model():
 
 out = {}
 for name, extra in ((k, SETTINGS[k]) for k in chosen):
-    cfg = train.parse_args(["--batch_prompts", "4", "--group_size", "4", "--lr", "1e-2", *extra], dist)
+    cfg, _ = train.parse_args(["--batch_prompts", "4", "--group_size", "4", "--lr", "1e-2", *extra], dist)
     policy = parallel.Policy(new_model().to(dist.device))
     if dist.world > 1:
         parallel.shard(policy, dist)
