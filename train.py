@@ -270,8 +270,8 @@ def main(argv=None):
                 adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
                 logged = hapo.metrics(groups, trained, opened, conf)
                 logged[1]["train/gamma"] = gamma
-            if cfg.vllm_sleep:
-                engine.sleep()  # level 1: vLLM hands its memory back to the trainer
+            if cfg.vllm_sleep:  # vLLM hands its memory back to the trainer, weights and all: a sync
+                engine.sleep(level=2)  # always comes first when it next samples (sft: before it evaluates)
             # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
             batch = hapo.pack(trained, adv, tok.pad_token_id, cfg.mask_truncated).to(dist.device)
             result = update.optimize(run.policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))

@@ -130,7 +130,7 @@ def test_every_sample_gets_its_own_seed():
                                              for j in range(p.n)]) for p in params]
     engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM: SamplingParams as a plain record
     engine._vllm, engine.llm = SimpleNamespace(SamplingParams=SimpleNamespace), LLM()
-    engine.eos_id, engine.asleep = 3, set()
+    engine.eos_id, engine.asleep, engine.weights_dropped = 3, set(), False
     engine.generate([[1, 2]] * 16, 8, 4, 1.0, seed=123)  # M = 16 prompts, N = 8 samples
     assert len(set(seeds)) == len(seeds) == 128
     seeds.clear()
@@ -304,3 +304,99 @@ def test_fused_logprobs_backward_makes_no_fp32_copy_of_the_head():
         (grad_w,) = torch.autograd.grad(logp.sum(), weight)
     assert grad_w.dtype == torch.bfloat16
     assert Count.n <= 1, Count.n  # the fp32 accumulator only (it was one copy per chunk: 10)
+
+
+# ----------------------------------------------------------------------------
+# issue 29, part 4: what the review of the CUDA path still flagged (memory, vLLM's startup timeouts,
+# evaluation seeds, teacher verification, sleep level)
+
+
+class _FakeLLM:
+    """What VLLMEngine calls on vLLM's LLM, recorded: sleep, wake_up, the weight reload, generate."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, fn, args):
+        self.calls.append(("reload",))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, params, use_tqdm):
+        from types import SimpleNamespace
+        self.calls.append(("generate",))
+        return [SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=[5, 3], finish_reason="stop")
+                                         for j in range(p.n)]) for p in params]
+
+
+def _fake_vllm_engine(sleep_mode=True):
+    from types import SimpleNamespace
+    from rollout import VLLMEngine
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM: SamplingParams as a plain record
+    engine._vllm, engine.llm = SimpleNamespace(SamplingParams=SimpleNamespace), _FakeLLM()
+    engine.eos_id, engine.asleep, engine.weights_dropped, engine.sleep_mode = 3, set(), False, sleep_mode
+    engine.dtype = torch.float32
+    return engine
+
+
+def test_vllm_sleep_is_level_2_and_sampling_waits_for_a_sync():
+    """--vllm_sleep drops vLLM's weights (level 2: level 1 pins a host copy, 15 GB a rank at 7B, that the
+    next sync overwrites anyway). Sampling before that sync would read reallocated, unfilled memory:
+    VLLMEngine refuses it in one line. After the sync the weights are awake, then generate wakes the rest."""
+    engine = _fake_vllm_engine()
+    engine.sleep()
+    assert engine.llm.calls == [("sleep", 2)]
+    with pytest.raises(RuntimeError, match="sync_weights first"):
+        engine.generate([[1, 2]], 2, 4, 1.0)
+    engine.sync_weights(tiny_qwen2())
+    engine.generate([[1, 2]], 2, 4, 1.0)
+    assert engine.llm.calls[1:] == [("wake_up", ["weights"]), ("reload",), ("reset_prefix_cache",),
+                                    ("wake_up", ["kv_cache"]), ("generate",)]
+    engine = _fake_vllm_engine()
+    engine.sleep(level=1)  # a level-1 sleeper keeps its weights: it may sample without a sync
+    engine.generate([[1, 2]], 2, 4, 1.0)
+    assert engine.llm.calls == [("sleep", 1), ("wake_up", None), ("generate",)]
+
+
+class _SpyEngine:
+    """train.py's engine, wrapped: every sleep (with its level), weight sync and generate, in order."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def sleep(self, level=None):
+        self.calls.append(("sleep", level))
+
+    def sync_weights(self, model):
+        self.calls.append(("sync",))
+        self.inner.sync_weights(model)
+
+    def generate(self, *args, **kw):
+        self.calls.append(("generate",))
+        return self.inner.generate(*args, **kw)
+
+
+@pytest.mark.parametrize("method", ["hapo", "sft"])
+def test_train_sleeps_at_level_2_and_syncs_before_every_generate(tmp_path, monkeypatch, method):
+    """In train.py's loop a level-2 sleep is always followed by a weight sync before the engine samples
+    again: after every optimizer step for the RL methods, and before each evaluation for sft (which
+    samples nothing else, and skips the syncs in between)."""
+    import rollout
+    import train
+    calls, real = [], rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine", lambda *a, **kw: _SpyEngine(real(*a, **kw), calls))
+    train.main(TRAIN_SMALL + ["--max_steps", "3", "--eval_every", "2", "--eval_problems", "2", "--vllm_sleep",
+                              "--method", method, "--out_dir", str(tmp_path / "run"), "--save_every", "100"])
+    assert [c for c in calls if c[0] == "sleep"] == [("sleep", 2)] * 3
+    asleep = False
+    for c in calls:
+        assert not (asleep and c[0] == "generate"), calls  # a generate with the weights dropped
+        asleep = c[0] == "sleep" or (asleep and c[0] != "sync")
+    assert (calls.count(("sync",)), calls.count(("generate",))) == ((2, 3) if method == "sft" else (3, 6)), calls
