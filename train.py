@@ -217,9 +217,9 @@ def main(argv=None):
     def run_eval(at):
         if not held:
             return {}, []
-        part = held[run.dp_rank::run.dp_world]
+        part = held[run.dp_rank::run.dp_world]  # each dp rank its own problems and seed (rank 0: one process's)
         r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                     seed=cfg.seed + 7919 * at, checker=cfg.checker)
+                     seed=cfg.seed + 7919 * at + 1000003 * run.dp_rank, checker=cfg.checker)
         acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / run.tp / len(held)
         return {"eval/accuracy": acc}, [{"step": at, "eval": True, **s} for s in r["samples"][:4]]
 

@@ -400,3 +400,30 @@ def test_train_sleeps_at_level_2_and_syncs_before_every_generate(tmp_path, monke
         assert not (asleep and c[0] == "generate"), calls  # a generate with the weights dropped
         asleep = c[0] == "sleep" or (asleep and c[0] != "sync")
     assert (calls.count(("sync",)), calls.count(("generate",))) == ((2, 3) if method == "sft" else (3, 6)), calls
+
+
+def test_eval_seeds_differ_by_rank_and_stay_those_of_one_process_on_rank_0(tmp_path, monkeypatch):
+    """train.py's evaluation: every data-parallel rank evaluates its own strided share of the held-out
+    problems with its own seed (all ranks drew the same one: rank r's problem i sampled rank 0's
+    problem i's stream). Rank 0 keeps the seed of a one-process run, whose numbers are published;
+    a pure function of (seed, step, rank), so a resumed run evaluates as an uninterrupted one."""
+    import eval as eval_module
+    import launch
+    import train
+    seeds, real_start, real_evaluate = {}, launch.start, eval_module.evaluate
+
+    def evaluate(engine, tok, problems, **kw):
+        seeds.setdefault(dp_rank, []).append(kw["seed"])
+        return real_evaluate(engine, tok, problems, **kw)
+
+    def start(cfg, dist):  # one process playing data-parallel rank `dp_rank` of 2 (the sums are its own)
+        run = real_start(cfg, dist)
+        run.dp_rank, run.dp_world = dp_rank, 2
+        return run
+    monkeypatch.setattr(eval_module, "evaluate", evaluate)
+    monkeypatch.setattr(launch, "start", start)
+    for dp_rank in (0, 1):
+        train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "4", "--seed", "3",
+                                  "--out_dir", str(tmp_path / f"rank{dp_rank}")])
+    assert seeds[0] == [3]  # a one-process run's step-0 seed, unchanged
+    assert seeds[1] != seeds[0]
