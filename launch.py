@@ -68,8 +68,12 @@ def start(cfg, dist) -> Run:
         start_dir, state = None, None
         model, tok = load(resolve_model(cfg.model))
     score = lambda completion, answer: reward(completion, answer, cfg.checker)
+    # rank 0 alone verifies the teachers (the 46k take ~3 minutes) and broadcasts its answer: a reward
+    # deadline hit on one rank only must not make the ranks inject (or --method sft keep) different sets
     problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
-                                                          cfg.max_solution_tokens, cfg.eval_problems, score)
+                                                          cfg.max_solution_tokens, cfg.eval_problems,
+                                                          score if dist.master else None)
+    teacher_ok = parallel.broadcast(dist, teacher_ok)
     if cfg.method == "sft":  # imitation of the verified teachers only: no method injects the others
         problems = [p for p, ok in zip(problems, teacher_ok) if ok >= 0.5]
         if not problems:

@@ -427,3 +427,18 @@ def test_eval_seeds_differ_by_rank_and_stay_those_of_one_process_on_rank_0(tmp_p
                                   "--out_dir", str(tmp_path / f"rank{dp_rank}")])
     assert seeds[0] == [3]  # a one-process run's step-0 seed, unchanged
     assert seeds[1] != seeds[0]
+
+
+def test_training_set_without_a_score_verifies_no_teacher():
+    """The ranks other than 0 load and encode the data but score no teacher: rank 0's verdicts come in a
+    broadcast (launch.start; tests/drivers/two_ranks_launch.py checks it on two ranks)."""
+    from lib import data
+    from lib import tiny
+    tok = tiny.make_tokenizer()
+    calls = []
+    score = lambda completion, answer: calls.append(answer) or 1.0
+    problems, ok, held, stats = data.training_set("builtin", "", tok, 1024, 8192, 4, score)
+    assert len(calls) == len(problems) == len(ok) and stats["teacher_unverified"] == 0
+    calls.clear()
+    again, ok, held, stats = data.training_set("builtin", "", tok, 1024, 8192, 4, None)
+    assert calls == [] and ok is None and [p.prompt_ids for p in again] == [p.prompt_ids for p in problems]
