@@ -429,6 +429,62 @@ def test_eval_seeds_differ_by_rank_and_stay_those_of_one_process_on_rank_0(tmp_p
     assert seeds[1] != seeds[0]
 
 
+def test_hub_weights_download_on_rank_0_first_then_on_the_others(tmp_path, monkeypatch):
+    """models.download: rank 0 downloads, then the broadcast that the other ranks wait at (our process
+    group's timeout), then they download (from the cache rank 0 filled); rank 0's failure is every rank's
+    one line, and they do not try. A local directory is no download."""
+    import huggingface_hub
+    from lib import models, parallel
+    from lib.data import DataError
+    from lib.parallel import Dist
+    events, fail = [], []
+    (tmp_path / "model.safetensors").write_bytes(b"")
+
+    def snapshot_download(name, allow_patterns):
+        events.append(("download", name))
+        if fail:
+            raise OSError("401 gated repository")
+        assert "*.safetensors" in allow_patterns and "*.json" in allow_patterns
+        return str(tmp_path)
+
+    def broadcast(d, obj):
+        events.append(("broadcast", obj))
+        return "rank 0's error" if d.rank and fail else obj
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(parallel, "broadcast", broadcast)
+    assert models.download("owner/model", Dist(0, 2)) == str(tmp_path)
+    assert events == [("download", "owner/model"), ("broadcast", None)]
+    events.clear()
+    assert models.download("owner/model", Dist(1, 2)) == str(tmp_path)
+    assert events == [("broadcast", None), ("download", "owner/model")]
+    events.clear()
+    fail.append(True)
+    with pytest.raises(DataError, match="owner/model.*401 gated"):
+        models.download("owner/model", Dist(0, 2))
+    with pytest.raises(DataError, match="rank 0's error"):
+        models.download("owner/model", Dist(1, 2))
+    assert events[-1] == ("broadcast", None)  # rank 1 did not download
+    events.clear()
+    assert models.download(str(tmp_path), Dist(1, 2)) == str(tmp_path) and events == []
+
+
+def test_train_from_a_hub_id_loads_and_samples_the_downloaded_directory(tmp_path, monkeypatch):
+    """launch.start downloads a hub id before it loads anything or builds an engine, and both get the
+    local directory; on one rank the teachers are verified there (rank 0), as before."""
+    import huggingface_hub
+    import rollout
+    import train
+    from lib import tiny
+    downloads, paths, real = [], [], rollout.make_engine
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name, allow_patterns: downloads.append(name) or tiny.SHIPPED)
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, path, **kw: paths.append(path) or
+                        real(kind, model, tok, path, **kw))
+    train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "2", "--model", "someone/tiny-copy",
+                              "--out_dir", str(tmp_path / "run")])
+    assert downloads == ["someone/tiny-copy"] and paths == [tiny.SHIPPED]
+
+
 def test_training_set_without_a_score_verifies_no_teacher():
     """The ranks other than 0 load and encode the data but score no teacher: rank 0's verdicts come in a
     broadcast (launch.start; tests/drivers/two_ranks_launch.py checks it on two ranks)."""
@@ -442,3 +498,20 @@ def test_training_set_without_a_score_verifies_no_teacher():
     calls.clear()
     again, ok, held, stats = data.training_set("builtin", "", tok, 1024, 8192, 4, None)
     assert calls == [] and ok is None and [p.prompt_ids for p in again] == [p.prompt_ids for p in problems]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_launch_downloads_rank_0_first_and_take_its_teacher_verdicts(tmp_path):
+    """launch.start under torchrun: rank 1 downloads only after rank 0 has (both before either builds an
+    engine), scores no teacher, and ends with rank 0's verdicts, so --method sft keeps the same problems
+    on both ranks although rank 1's own reward would have passed every teacher."""
+    import os
+    from tests.helpers import DRIVERS, TORCHRUN, run
+    run(TORCHRUN + [os.path.join(DRIVERS, "two_ranks_launch.py"), str(tmp_path)])
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["downloads"] == [{"name": "someone/tiny-copy", "rank0_done": False}]
+    assert r1["downloads"] == [{"name": "someone/tiny-copy", "rank0_done": True}]
+    assert r0["scored"] == len(r0["teacher_ok"]) > 0 and r1["scored"] == 0
+    assert r1["teacher_ok"] == r0["teacher_ok"] and 0.0 in r0["teacher_ok"]
+    assert r1["kept"] == r0["kept"] == sum(ok >= 0.5 for ok in r0["teacher_ok"])
