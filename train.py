@@ -235,7 +235,7 @@ def main(argv=None):
     with checkpoint.Preemption() as stop:  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit
         if step == 0:
             row, samples = run_eval(0)
-            log.metrics({"step": 0, **row})
+            log.metrics({"step": 0, **row, **parallel.peak_memory(dist)})  # the start's peak (vLLM's profiling)
             log.completions(samples)
         bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
                    disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
@@ -292,7 +292,7 @@ def main(argv=None):
                 row.update(evaluated)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 samples = tracking.train_samples(trained[:2], tok, step + 1) + samples
-            log.metrics(row)
+            log.metrics({**row, **parallel.peak_memory(dist)})  # the step's peak, its evaluation's included
             log.completions(samples)
             if dist.master:
                 bar.write(tracking.line(row))

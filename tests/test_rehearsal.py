@@ -311,6 +311,52 @@ def test_fused_logprobs_backward_makes_no_fp32_copy_of_the_head():
 # evaluation seeds, teacher verification, sleep level)
 
 
+def test_init_sets_expandable_segments_unless_the_allocator_is_configured(monkeypatch):
+    """parallel.init, the first thing train.py does after reading its flags (before CUDA starts), asks
+    for expandable segments; a user's own allocator settings, under either name, are left alone."""
+    from lib import parallel
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    parallel.init()
+    assert parallel.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "max_split_size_mb:512")
+        other = "PYTORCH_ALLOC_CONF" if name == "PYTORCH_CUDA_ALLOC_CONF" else "PYTORCH_CUDA_ALLOC_CONF"
+        monkeypatch.delenv(other, raising=False)
+        parallel.init()
+        assert parallel.os.environ[name] == "max_split_size_mb:512" and other not in parallel.os.environ
+
+
+def test_peak_memory_is_each_ranks_and_the_largest_and_absent_on_cpu(monkeypatch):
+    """memory/max_reserved_gib: torch.cuda.max_memory_reserved in GiB, reset after reading (a row's
+    peak is its own); on the CPU no key at all. CUDA is faked here: the numbers are the function's."""
+    from lib import parallel
+    from lib.parallel import Dist
+    assert parallel.peak_memory(Dist()) == {}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    cuda = Dist(device=torch.device("cuda:0"))
+    assert parallel.peak_memory(cuda) == {"memory/max_reserved_gib": 3.0, "memory/max_reserved_gib_ranks": [3.0]}
+    assert resets == [cuda.device]
+    # rank 1 of 3: its entry of the list, the others' come from the all_reduce (here: a fake one)
+    monkeypatch.setattr(parallel, "all_sum", lambda d, t: t + torch.tensor([5.0, 0.0, 1.0], dtype=t.dtype))
+    got = parallel.peak_memory(Dist(rank=1, world=3, device=torch.device("cuda:1")))
+    assert got == {"memory/max_reserved_gib": 5.0, "memory/max_reserved_gib_ranks": [5.0, 3.0, 1.0]}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peak_memory_sees_an_allocation():
+    from lib import parallel
+    dist = parallel.from_env()
+    parallel.peak_memory(dist)
+    x = torch.empty(2**28, dtype=torch.uint8, device=dist.device)  # 256 MiB
+    got = parallel.peak_memory(dist)
+    assert got["memory/max_reserved_gib"] >= 0.25 and got["memory/max_reserved_gib_ranks"] == [got["memory/max_reserved_gib"]]
+    del x
+
+
 class _FakeLLM:
     """What VLLMEngine calls on vLLM's LLM, recorded: sleep, wake_up, the weight reload, generate."""
 
