@@ -5,7 +5,9 @@
 The order matters and is the reason this is one function: the model's positions are checked against
 the data actually kept (before anything large is allocated); the rollout engine is built before the
 trainer's parameters and optimizer reach the GPU (vLLM sizes its KV cache from the memory it finds
-free); under torchrun the policy is sharded before it reaches the device and only rank 0 reads the
+free), and only once every rank has the weights on disk and the teachers' verdicts (a rank waiting in
+vLLM's own startup groups times out after torch's default 30 minutes, in ours after --dist_timeout_min);
+under torchrun the policy is sharded before it reaches the device and only rank 0 reads the
 weights (parallel.wrap); a resumed run's shards fill the sharded model and optimizer in place.
 Errors are one line (DataError, CheckpointError, ImportError, ValueError); train.py prints them.
 """
@@ -26,7 +28,7 @@ from lib import parallel
 import rollout
 from lib.data import DataError
 from eval import encode_prompts
-from lib.models import check_family, check_positions, load_policy, position_overrides, resolve_model
+from lib.models import check_family, check_positions, download, load_policy, position_overrides, resolve_model
 from reward import reward
 
 
@@ -66,10 +68,15 @@ def start(cfg, dist) -> Run:
             print(f"resume: applying {applied}")
     else:
         start_dir, state = None, None
-        model, tok = load(resolve_model(cfg.model))
+        path = download(resolve_model(cfg.model), dist)  # a hub id: rank 0's download first, before any vLLM
+        model, tok = load(path)
     score = lambda completion, answer: reward(completion, answer, cfg.checker)
+    # rank 0 alone verifies the teachers (the 46k take ~3 minutes) and broadcasts its answer: a reward
+    # deadline hit on one rank only must not make the ranks inject (or --method sft keep) different sets
     problems, teacher_ok, held, stats = data.training_set(cfg.data, cfg.eval_data, tok, cfg.max_prompt_tokens,
-                                                          cfg.max_solution_tokens, cfg.eval_problems, score)
+                                                          cfg.max_solution_tokens, cfg.eval_problems,
+                                                          score if dist.master else None)
+    teacher_ok = parallel.broadcast(dist, teacher_ok)
     if cfg.method == "sft":  # imitation of the verified teachers only: no method injects the others
         problems = [p for p, ok in zip(problems, teacher_ok) if ok >= 0.5]
         if not problems:
@@ -91,7 +98,7 @@ def start(cfg, dist) -> Run:
     # every rank would have to run the same forwards, so the HF engine samples from a full copy (on
     # the meta device until the trainer's weights are loaded, below)
     sampler = parallel.meta_copy(model) if dist.world > 1 and kind == "hf" else model
-    engine = rollout.make_engine(kind, sampler, tok, start_dir or resolve_model(cfg.model), seed=cfg.seed,
+    engine = rollout.make_engine(kind, sampler, tok, start_dir or path, seed=cfg.seed,
                                  gpu_memory_utilization=cfg.vllm_gpu_memory, enable_sleep_mode=cfg.vllm_sleep,
                                  tensor_parallel_size=cfg.tensor_parallel, rank=dist.rank, world_size=dist.world,
                                  max_model_len=rollout_len,

@@ -180,7 +180,7 @@ class HFEngine:
             for name, tensor in weights_for_sync(model):
                 params[name].copy_(tensor)
 
-    def sleep(self, level: int = 1) -> None:  # no-ops, for symmetry with VLLMEngine
+    def sleep(self, level: int = 2) -> None:  # no-ops, for symmetry with VLLMEngine
         pass
 
     def wake_up(self, tags: list[str] | None = None) -> None:

@@ -214,9 +214,9 @@ def main(argv=None):
     def run_eval(at):
         if not held:
             return {}, []
-        part = held[run.dp_rank::run.dp_world]
+        part = held[run.dp_rank::run.dp_world]  # each dp rank its own problems and seed (rank 0: one process's)
         r = evaluate(engine, tok, part, k=1, temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                     seed=cfg.seed + 7919 * at, checker=cfg.checker)
+                     seed=cfg.seed + 7919 * at + 1000003 * run.dp_rank, checker=cfg.checker)
         acc = parallel.all_sum(dist, r["accuracy"] * len(part)) / run.tp / len(held)
         return {"eval/accuracy": acc}, [{"step": at, "eval": True, **s} for s in r["samples"][:4]]
 
@@ -232,7 +232,7 @@ def main(argv=None):
     with checkpoint.Preemption() as stop:  # SIGTERM, Ctrl-C: finish the step, checkpoint, exit
         if step == 0:
             row, samples = run_eval(0)
-            log.metrics({"step": 0, **row})
+            log.metrics({"step": 0, **row, **parallel.peak_memory(dist)})  # the start's peak (vLLM's profiling)
             log.completions(samples)
         bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps,
                    disable=not (dist.master and cfg.progress), desc=cfg.method, dynamic_ncols=True)
@@ -267,8 +267,8 @@ def main(argv=None):
                 adv = hapo.advantages(trained, cfg.adv_std)  # [M, N]
                 logged = hapo.metrics(groups, trained, opened, conf)
                 logged[1]["train/gamma"] = gamma
-            if cfg.vllm_sleep:
-                engine.sleep()  # level 1: vLLM hands its memory back to the trainer
+            if cfg.vllm_sleep:  # vLLM hands its memory back to the trainer, weights and all: a sync
+                engine.sleep(level=2)  # always comes first when it next samples (sft: before it evaluates)
             # 6-7. loss (Eqs. 8-9) over the packed batch, and the optimizer step (update.py)
             batch = hapo.pack(trained, adv, tok.pad_token_id, cfg.mask_truncated).to(dist.device)
             result = update.optimize(run.policy, opt, batch, cfg, dist, lr=update.lr_at(step, cfg))
@@ -289,7 +289,7 @@ def main(argv=None):
                 row.update(evaluated)
             if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
                 samples = tracking.train_samples(trained[:2], tok, step + 1) + samples
-            log.metrics(row)
+            log.metrics({**row, **parallel.peak_memory(dist)})  # the step's peak, its evaluation's included
             log.completions(samples)
             if dist.master:
                 bar.write(tracking.line(row))

@@ -317,13 +317,14 @@ def encode(tokenizer, problems: list[Problem], max_prompt_tokens: int | None,
 def training_set(spec, eval_spec, tokenizer, max_prompt_tokens, max_solution_tokens, eval_problems, score):
     """(encoded train problems, each teacher's own reward, held-out problems, stats) for train.py.
     Each teacher is scored once here by `score` (Eq. 4's reward): one that fails is never injected.
+    score None: no teacher is scored (teacher rewards None), as on the ranks that take rank 0's.
     The held-out set defaults to the built-in task's eval split when training on the built-in task."""
     train, stats = load_problems(spec, "train")
     held_spec = eval_spec or (spec if task.is_builtin(spec) else "")
     held = load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
     enc, enc_stats = encode(tokenizer, train, max_prompt_tokens, max_solution_tokens)
-    teacher_ok = [score(e.solution, e.answer) for e in enc]
-    stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok)}
+    teacher_ok = [score(e.solution, e.answer) for e in enc] if score else None
+    stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok) if score else None}
     return enc, teacher_ok, held[:eval_problems or None], stats
 
 

@@ -10,6 +10,7 @@ import re
 import torch
 
 from lib import checkpoint
+from lib import parallel
 from lib import tiny
 from lib.data import DataError, one_line
 
@@ -33,6 +34,36 @@ def resolve_model(name: str) -> str:
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):  # not `owner/name` either
         raise DataError(f"model path '{name}' does not exist (give a local directory, a hub id, or 'tiny')")
     return name
+
+
+# what a training run reads of a hub repository: configs, tokenizer files, the safetensors weights
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def download(name: str, dist) -> str:
+    """resolve_model's answer as a local directory: a hub id is downloaded by rank 0 first, and by the
+    other ranks once it is done (from the cache it filled, on one node or a shared filesystem), so that
+    they wait in a broadcast of ours (--dist_timeout_min), not in vLLM's startup groups (torch's default
+    30 minutes) while rank 0 downloads 15 GB. A local directory is returned as it is. Raises DataError."""
+    if os.path.isdir(name):
+        return name
+    path, error = None, None
+    if dist.master:
+        try:
+            path = _snapshot(name)
+        except Exception as err:  # not found, gated, offline without a copy, a full disk ...
+            error = str(_cannot_load(name, err))
+    if error := parallel.broadcast(dist, error):  # and the barrier the other ranks wait at
+        raise DataError(error)
+    return path or _snapshot(name)
+
+
+def _snapshot(name: str) -> str:
+    from huggingface_hub import snapshot_download
+    path = snapshot_download(name, allow_patterns=HUB_FILES)
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):  # an older repository: .bin weights
+        path = snapshot_download(name, allow_patterns=HUB_FILES + ["*.bin"])
+    return path
 
 
 def position_overrides(config, rope_theta=None, max_positions=None) -> dict:

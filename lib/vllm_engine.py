@@ -169,6 +169,7 @@ class VLLMEngine:
         self.eos_id = tokenizer.eos_token_id
         self.sleep_mode = enable_sleep_mode
         self.asleep: set[str] = set()  # which of "weights", "kv_cache" are released
+        self.weights_dropped = False  # slept at level 2 and no sync_weights since: nothing to sample from
         if world_size > 1:  # under torchrun: one engine per rank, in the rank's own process
             if not torch.distributed.is_initialized():  # else vLLM makes a world of tp ranks: rank 1 of 1
                 raise RuntimeError("VLLMEngine under torchrun: initialise torch.distributed first (parallel.init())")
@@ -201,6 +202,8 @@ class VLLMEngine:
         engine-wide generator is not in any checkpoint); without a seed, draws come from that one.
         A sample ends in EOS (finish reason "stop") or was cut for length ("length": max_new_tokens,
         or the engine's max_model_len): rollout.truncated tells the two apart by the EOS."""
+        if self.weights_dropped:  # vLLM would sample from whatever its reallocated weight memory holds
+            raise RuntimeError("VLLMEngine.generate after sleep(level=2) dropped the weights: call sync_weights first")
         self.wake_up()
         params = lambda i: self._vllm.SamplingParams(
             n=n,
@@ -242,14 +245,17 @@ class VLLMEngine:
         weights = weights_for_sync(model, self.dtype)  # cast before FSDP2 gathers: half the bytes for bf16
         self.llm.collective_rpc(reload_on_worker, args=(weights,))  # in-process: the generator is not copied
         self.llm.reset_prefix_cache()
+        self.weights_dropped = False
 
-    def sleep(self, level: int = 1) -> None:
-        """Release vLLM's GPU memory while the trainer runs. Level 1 keeps a CPU copy of the weights (safe);
-        level 2 drops them (fine only if sync_weights runs before the next generate). No-op unless built
-        with enable_sleep_mode=True."""
+    def sleep(self, level: int = 2) -> None:
+        """Release vLLM's GPU memory while the trainer runs. Level 2 (train.py's --vllm_sleep) drops the
+        weights: the trainer syncs its own in before the next generate, and generate refuses to run
+        before that. Level 1 would keep a pinned host copy of them (15 GB a rank at 7B) for nothing.
+        No-op unless built with enable_sleep_mode=True."""
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=level)
             self.asleep = {"weights", "kv_cache"}
+            self.weights_dropped = level >= 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Undo sleep(), for the given parts only ("weights", "kv_cache") or for all of it."""

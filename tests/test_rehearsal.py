@@ -130,7 +130,7 @@ def test_every_sample_gets_its_own_seed():
                                              for j in range(p.n)]) for p in params]
     engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM: SamplingParams as a plain record
     engine._vllm, engine.llm = SimpleNamespace(SamplingParams=SimpleNamespace), LLM()
-    engine.eos_id, engine.asleep = 3, set()
+    engine.eos_id, engine.asleep, engine.weights_dropped = 3, set(), False
     engine.generate([[1, 2]] * 16, 8, 4, 1.0, seed=123)  # M = 16 prompts, N = 8 samples
     assert len(set(seeds)) == len(seeds) == 128
     seeds.clear()
@@ -304,3 +304,260 @@ def test_fused_logprobs_backward_makes_no_fp32_copy_of_the_head():
         (grad_w,) = torch.autograd.grad(logp.sum(), weight)
     assert grad_w.dtype == torch.bfloat16
     assert Count.n <= 1, Count.n  # the fp32 accumulator only (it was one copy per chunk: 10)
+
+
+# ----------------------------------------------------------------------------
+# issue 29, part 4: what the review of the CUDA path still flagged (memory, vLLM's startup timeouts,
+# evaluation seeds, teacher verification, sleep level)
+
+
+def test_init_sets_expandable_segments_unless_the_allocator_is_configured(monkeypatch):
+    """parallel.init, the first thing train.py does after reading its flags (before CUDA starts), asks
+    for expandable segments; a user's own allocator settings, under either name, are left alone."""
+    from lib import parallel
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    parallel.init()
+    assert parallel.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "max_split_size_mb:512")
+        other = "PYTORCH_ALLOC_CONF" if name == "PYTORCH_CUDA_ALLOC_CONF" else "PYTORCH_CUDA_ALLOC_CONF"
+        monkeypatch.delenv(other, raising=False)
+        parallel.init()
+        assert parallel.os.environ[name] == "max_split_size_mb:512" and other not in parallel.os.environ
+
+
+def test_peak_memory_is_each_ranks_and_the_largest_and_absent_on_cpu(monkeypatch):
+    """memory/max_reserved_gib: torch.cuda.max_memory_reserved in GiB, reset after reading (a row's
+    peak is its own); on the CPU no key at all. CUDA is faked here: the numbers are the function's."""
+    from lib import parallel
+    from lib.parallel import Dist
+    assert parallel.peak_memory(Dist()) == {}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    cuda = Dist(device=torch.device("cuda:0"))
+    assert parallel.peak_memory(cuda) == {"memory/max_reserved_gib": 3.0, "memory/max_reserved_gib_ranks": [3.0]}
+    assert resets == [cuda.device]
+    # rank 1 of 3: its entry of the list, the others' come from the all_reduce (here: a fake one)
+    monkeypatch.setattr(parallel, "all_sum", lambda d, t: t + torch.tensor([5.0, 0.0, 1.0], dtype=t.dtype))
+    got = parallel.peak_memory(Dist(rank=1, world=3, device=torch.device("cuda:1")))
+    assert got == {"memory/max_reserved_gib": 5.0, "memory/max_reserved_gib_ranks": [5.0, 3.0, 1.0]}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peak_memory_sees_an_allocation():
+    from lib import parallel
+    dist = parallel.from_env()
+    parallel.peak_memory(dist)
+    x = torch.empty(2**28, dtype=torch.uint8, device=dist.device)  # 256 MiB
+    got = parallel.peak_memory(dist)
+    assert got["memory/max_reserved_gib"] >= 0.25 and got["memory/max_reserved_gib_ranks"] == [got["memory/max_reserved_gib"]]
+    del x
+
+
+class _FakeLLM:
+    """What VLLMEngine calls on vLLM's LLM, recorded: sleep, wake_up, the weight reload, generate."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, fn, args):
+        self.calls.append(("reload",))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, params, use_tqdm):
+        from types import SimpleNamespace
+        self.calls.append(("generate",))
+        return [SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=[5, 3], finish_reason="stop")
+                                         for j in range(p.n)]) for p in params]
+
+
+def _fake_vllm_engine(sleep_mode=True):
+    from types import SimpleNamespace
+    from rollout import VLLMEngine
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM: SamplingParams as a plain record
+    engine._vllm, engine.llm = SimpleNamespace(SamplingParams=SimpleNamespace), _FakeLLM()
+    engine.eos_id, engine.asleep, engine.weights_dropped, engine.sleep_mode = 3, set(), False, sleep_mode
+    engine.dtype = torch.float32
+    return engine
+
+
+def test_vllm_sleep_is_level_2_and_sampling_waits_for_a_sync():
+    """--vllm_sleep drops vLLM's weights (level 2: level 1 pins a host copy, 15 GB a rank at 7B, that the
+    next sync overwrites anyway). Sampling before that sync would read reallocated, unfilled memory:
+    VLLMEngine refuses it in one line. After the sync the weights are awake, then generate wakes the rest."""
+    engine = _fake_vllm_engine()
+    engine.sleep()
+    assert engine.llm.calls == [("sleep", 2)]
+    with pytest.raises(RuntimeError, match="sync_weights first"):
+        engine.generate([[1, 2]], 2, 4, 1.0)
+    engine.sync_weights(tiny_qwen2())
+    engine.generate([[1, 2]], 2, 4, 1.0)
+    assert engine.llm.calls[1:] == [("wake_up", ["weights"]), ("reload",), ("reset_prefix_cache",),
+                                    ("wake_up", ["kv_cache"]), ("generate",)]
+    engine = _fake_vllm_engine()
+    engine.sleep(level=1)  # a level-1 sleeper keeps its weights: it may sample without a sync
+    engine.generate([[1, 2]], 2, 4, 1.0)
+    assert engine.llm.calls == [("sleep", 1), ("wake_up", None), ("generate",)]
+
+
+class _SpyEngine:
+    """train.py's engine, wrapped: every sleep (with its level), weight sync and generate, in order."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def sleep(self, level=None):
+        self.calls.append(("sleep", level))
+
+    def sync_weights(self, model):
+        self.calls.append(("sync",))
+        self.inner.sync_weights(model)
+
+    def generate(self, *args, **kw):
+        self.calls.append(("generate",))
+        return self.inner.generate(*args, **kw)
+
+
+@pytest.mark.parametrize("method", ["hapo", "sft"])
+def test_train_sleeps_at_level_2_and_syncs_before_every_generate(tmp_path, monkeypatch, method):
+    """In train.py's loop a level-2 sleep is always followed by a weight sync before the engine samples
+    again: after every optimizer step for the RL methods, and before each evaluation for sft (which
+    samples nothing else, and skips the syncs in between)."""
+    import rollout
+    import train
+    calls, real = [], rollout.make_engine
+    monkeypatch.setattr(rollout, "make_engine", lambda *a, **kw: _SpyEngine(real(*a, **kw), calls))
+    train.main(TRAIN_SMALL + ["--max_steps", "3", "--eval_every", "2", "--eval_problems", "2", "--vllm_sleep",
+                              "--method", method, "--out_dir", str(tmp_path / "run"), "--save_every", "100"])
+    assert [c for c in calls if c[0] == "sleep"] == [("sleep", 2)] * 3
+    asleep = False
+    for c in calls:
+        assert not (asleep and c[0] == "generate"), calls  # a generate with the weights dropped
+        asleep = c[0] == "sleep" or (asleep and c[0] != "sync")
+    assert (calls.count(("sync",)), calls.count(("generate",))) == ((2, 3) if method == "sft" else (3, 6)), calls
+
+
+def test_eval_seeds_differ_by_rank_and_stay_those_of_one_process_on_rank_0(tmp_path, monkeypatch):
+    """train.py's evaluation: every data-parallel rank evaluates its own strided share of the held-out
+    problems with its own seed (all ranks drew the same one: rank r's problem i sampled rank 0's
+    problem i's stream). Rank 0 keeps the seed of a one-process run, whose numbers are published;
+    a pure function of (seed, step, rank), so a resumed run evaluates as an uninterrupted one."""
+    import eval as eval_module
+    import launch
+    import train
+    seeds, real_start, real_evaluate = {}, launch.start, eval_module.evaluate
+
+    def evaluate(engine, tok, problems, **kw):
+        seeds.setdefault(dp_rank, []).append(kw["seed"])
+        return real_evaluate(engine, tok, problems, **kw)
+
+    def start(cfg, dist):  # one process playing data-parallel rank `dp_rank` of 2 (the sums are its own)
+        run = real_start(cfg, dist)
+        run.dp_rank, run.dp_world = dp_rank, 2
+        return run
+    monkeypatch.setattr(eval_module, "evaluate", evaluate)
+    monkeypatch.setattr(launch, "start", start)
+    for dp_rank in (0, 1):
+        train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "4", "--seed", "3",
+                                  "--out_dir", str(tmp_path / f"rank{dp_rank}")])
+    assert seeds[0] == [3]  # a one-process run's step-0 seed, unchanged
+    assert seeds[1] != seeds[0]
+
+
+def test_hub_weights_download_on_rank_0_first_then_on_the_others(tmp_path, monkeypatch):
+    """models.download: rank 0 downloads, then the broadcast that the other ranks wait at (our process
+    group's timeout), then they download (from the cache rank 0 filled); rank 0's failure is every rank's
+    one line, and they do not try. A local directory is no download."""
+    import huggingface_hub
+    from lib import models, parallel
+    from lib.data import DataError
+    from lib.parallel import Dist
+    events, fail = [], []
+    (tmp_path / "model.safetensors").write_bytes(b"")
+
+    def snapshot_download(name, allow_patterns):
+        events.append(("download", name))
+        if fail:
+            raise OSError("401 gated repository")
+        assert "*.safetensors" in allow_patterns and "*.json" in allow_patterns
+        return str(tmp_path)
+
+    def broadcast(d, obj):
+        events.append(("broadcast", obj))
+        return "rank 0's error" if d.rank and fail else obj
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(parallel, "broadcast", broadcast)
+    assert models.download("owner/model", Dist(0, 2)) == str(tmp_path)
+    assert events == [("download", "owner/model"), ("broadcast", None)]
+    events.clear()
+    assert models.download("owner/model", Dist(1, 2)) == str(tmp_path)
+    assert events == [("broadcast", None), ("download", "owner/model")]
+    events.clear()
+    fail.append(True)
+    with pytest.raises(DataError, match="owner/model.*401 gated"):
+        models.download("owner/model", Dist(0, 2))
+    with pytest.raises(DataError, match="rank 0's error"):
+        models.download("owner/model", Dist(1, 2))
+    assert events[-1] == ("broadcast", None)  # rank 1 did not download
+    events.clear()
+    assert models.download(str(tmp_path), Dist(1, 2)) == str(tmp_path) and events == []
+
+
+def test_train_from_a_hub_id_loads_and_samples_the_downloaded_directory(tmp_path, monkeypatch):
+    """launch.start downloads a hub id before it loads anything or builds an engine, and both get the
+    local directory; on one rank the teachers are verified there (rank 0), as before."""
+    import huggingface_hub
+    import rollout
+    import train
+    from lib import tiny
+    downloads, paths, real = [], [], rollout.make_engine
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name, allow_patterns: downloads.append(name) or tiny.SHIPPED)
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, path, **kw: paths.append(path) or
+                        real(kind, model, tok, path, **kw))
+    train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "2", "--model", "someone/tiny-copy",
+                              "--out_dir", str(tmp_path / "run")])
+    assert downloads == ["someone/tiny-copy"] and paths == [tiny.SHIPPED]
+
+
+def test_training_set_without_a_score_verifies_no_teacher():
+    """The ranks other than 0 load and encode the data but score no teacher: rank 0's verdicts come in a
+    broadcast (launch.start; tests/drivers/two_ranks_launch.py checks it on two ranks)."""
+    from lib import data
+    from lib import tiny
+    tok = tiny.make_tokenizer()
+    calls = []
+    score = lambda completion, answer: calls.append(answer) or 1.0
+    problems, ok, held, stats = data.training_set("builtin", "", tok, 1024, 8192, 4, score)
+    assert len(calls) == len(problems) == len(ok) and stats["teacher_unverified"] == 0
+    calls.clear()
+    again, ok, held, stats = data.training_set("builtin", "", tok, 1024, 8192, 4, None)
+    assert calls == [] and ok is None and [p.prompt_ids for p in again] == [p.prompt_ids for p in problems]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_launch_downloads_rank_0_first_and_take_its_teacher_verdicts(tmp_path):
+    """launch.start under torchrun: rank 1 downloads only after rank 0 has (both before either builds an
+    engine), scores no teacher, and ends with rank 0's verdicts, so --method sft keeps the same problems
+    on both ranks although rank 1's own reward would have passed every teacher."""
+    import os
+    from tests.helpers import DRIVERS, TORCHRUN, run
+    run(TORCHRUN + [os.path.join(DRIVERS, "two_ranks_launch.py"), str(tmp_path)])
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["downloads"] == [{"name": "someone/tiny-copy", "rank0_done": False}]
+    assert r1["downloads"] == [{"name": "someone/tiny-copy", "rank0_done": True}]
+    assert r0["scored"] == len(r0["teacher_ok"]) > 0 and r1["scored"] == 0
+    assert r1["teacher_ok"] == r0["teacher_ok"] and 0.0 in r0["teacher_ok"]
+    assert r1["kept"] == r0["kept"] == sum(ok >= 0.5 for ok in r0["teacher_ok"])
