@@ -82,7 +82,7 @@ class Config:
     log_completions_every: int = 20  # append a few samples to completions.jsonl every this many steps (0: off)
     rollout: str = "auto"  # auto | hf | vllm: auto picks vLLM when CUDA and vllm are present
     vllm_gpu_memory: float = 0.35  # fraction of GPU memory vLLM may take when colocated
-    vllm_sleep: bool = False  # put vLLM to sleep (level 1) during the training step
+    vllm_sleep: bool = False  # put vLLM to sleep (level 2: weights and KV cache dropped) during the training step
     tensor_parallel: int = 1  # vLLM tensor parallel size under torchrun
     grad_checkpointing: bool = False  # recompute activations in the backward pass (saves memory)
     max_positions: int = 0  # >0: override the model's max_position_embeddings (trainer and vLLM alike)
@@ -153,7 +153,7 @@ def parse_args(argv, dist):
     error = lambda msg: fail(msg, dist)
     cfg, note = recipes.parse(Config, argv, error, CHOICES)
     try:  # the ranks are those of the hardware a plan names, or those this run will start
-        world = plan.parse_hardware(cfg.plan).world if cfg.plan else dist.world * parallel.ranks_to_start(cfg.nproc)
+        world = plan.parse_hardware(cfg.plan).world if cfg.plan else parallel.ranks_to_start(cfg.nproc) or dist.world
     except ValueError as e:
         error(f"{e} (see --help)")
     if msg := problems_with(cfg, world):
@@ -170,6 +170,7 @@ def main(argv=None):
     cfg, note = parse_args(argv, parallel.from_env())
     if cfg.print_config:  # the recipe's values under the flags given; nothing is read
         return print(json.dumps(dataclasses.asdict(cfg)))
+    parallel.configure_allocator()  # before anything asks CUDA a question
     ranks, here = parallel.ranks_to_start(cfg.nproc), parallel.from_env()  # ranks: 0 under torchrun
     if cfg.plan or cfg.preflight:  # config.json alone, before any weight, data or process group (lib/preflight.py)
         try:

@@ -48,24 +48,31 @@ def spawn(n: int, script: str, argv: list) -> int:
     exit code of the first rank that failed (its own one-line error is already printed), else 0."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(n), script])
+    args.training_script_args = list(argv)  # not parsed by torchrun's parser, which would take --nproc as its own
     try:
-        run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(n), script, *argv]))
+        run(args)
     except ChildFailedError as e:
         return next((f.exitcode for _, f in sorted(e.failures.items()) if f.exitcode), 1)
     return 0
 
 
+def configure_allocator() -> None:
+    """Before CUDA starts in this process: the caching allocator's expandable segments, unless the
+    user configured the allocator (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF). A segment then
+    grows in place instead of a new one being reserved beside the cached free blocks: less
+    fragmentation where the margin is thin (7B). vLLM 0.32 turns them off around its own pool in
+    sleep mode, and refuses them only with a KV connector, which hapo does not use."""
+    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF") and not os.environ.get("PYTORCH_ALLOC_CONF"):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init(timeout_min: float = 60) -> Dist:
     """from_env(), and the process group when there are several ranks (NCCL on GPUs, gloo on CPUs).
     A rank waits `timeout_min` minutes in a collective before the job aborts: NCCL's default of 10
-    is shorter than a 7B checkpoint takes to write on a slow shared filesystem.
-    First of all, before CUDA starts in this process: the caching allocator's expandable segments,
-    unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF). A
-    segment then grows in place instead of a new one being reserved beside the cached free blocks:
-    less fragmentation where the margin is thin (7B). vLLM 0.32 turns them off around its own pool
-    in sleep mode, and refuses them only with a KV connector, which hapo does not use."""
-    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF") and not os.environ.get("PYTORCH_ALLOC_CONF"):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    is shorter than a 7B checkpoint takes to write on a slow shared filesystem. The allocator is
+    configured first (train.py does so earlier still, before its pre-flight reads the GPU's size)."""
+    configure_allocator()
     d = from_env()
     if d.world > 1 and not tdist.is_initialized():
         if d.device.type == "cuda":

@@ -107,6 +107,7 @@ def micro_batch(cfg, s, world):
     response or teacher solution; --micro_batch_tokens fills its budget (a longer row goes alone),
     --pack makes it one row; otherwise --micro_batch rows, at most one mini-batch of this rank's."""
     longest = cfg.max_prompt_tokens + max(cfg.max_new_tokens, 0 if cfg.method == "grpo" else cfg.max_solution_tokens)
+    longest = min(longest, getattr(cfg, "max_positions", 0) or s.positions)  # longer rows are refused at start
     if cfg.micro_batch_tokens and cfg.pack:
         return max(cfg.micro_batch_tokens, longest), 1, max(cfg.micro_batch_tokens, longest)
     if cfg.micro_batch_tokens:
@@ -209,7 +210,7 @@ def host_and_disk(s, cfg, hw):
     so a save holds in host RAM only the export, gathered on rank 0 in --save_dtype."""
     P = parameters(s)
     save_bytes = 4 if getattr(cfg, "save_dtype", "bf16") in ("fp32", "float32") else 2
-    base = hw.gpus * RANK_HOST_GIB * GiB + (hw.gpus * 2 * P / cfg.tensor_parallel if cfg.vllm_sleep else 0)
+    base = hw.gpus * RANK_HOST_GIB * GiB  # --vllm_sleep is level 2: no host copy of vLLM's weights
     state = 12 * P  # fp32 parameters and AdamW's two moments, as torch.distributed.checkpoint shards
     return {"host start": base + 4 * P,  # rank 0 reads the fp32 weights once and broadcasts them
             "host save": base + save_bytes * P,
@@ -224,7 +225,7 @@ def host_and_disk(s, cfg, hw):
 def plan(config, cfg, hw, cuda=True):
     """Everything the table prints, in bytes, with `fits` and the warnings (a dict). --rollout auto
     is taken for vLLM (what it picks on GPUs); --vllm_sleep frees vLLM's KV cache and weights
-    during the training step (level 1), so the trainer's peak meets vLLM's overhead only."""
+    during the training step (level 2), so the trainer's peak meets vLLM's overhead only."""
     s = shape_of(config)
     positions = getattr(cfg, "max_positions", 0) or s.positions
     tp = cfg.tensor_parallel if hw.world > 1 and cfg.rollout != "hf" else 1

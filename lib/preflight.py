@@ -68,7 +68,8 @@ def check(config, cfg, hw, cuda, gpus_here, command):
         need = cpu_need(config, cfg, hw.world)
         if need <= plan.FRAGMENTATION * hw.gib * GiB:
             return None
-        gpu = smallest_fit(config, cfg, 80.0, [(1, n) for n in (1, 2, 4, GPUS_PER_NODE)] +
+        on_gpus = dataclasses.replace(cfg, rollout="vllm")  # what --rollout auto takes on a GPU node with vLLM
+        gpu = smallest_fit(config, on_gpus, 80.0, [(1, n) for n in (1, 2, 4, GPUS_PER_NODE)] +
                            [(k, GPUS_PER_NODE) for k in (2, 4, 8)])
         where = f"a GPU node: {torchrun_line(*gpu, command)}" if gpu else "no GPU node of up to 8 x 8 x 80 GiB"
         return (f"does not fit: the run needs {need / GiB:,.1f} GiB of host RAM ({hw.world} CPU rank(s)), this "
@@ -76,6 +77,9 @@ def check(config, cfg, hw, cuda, gpus_here, command):
     p = plan.plan(config, cfg, hw)
     if p["fits"]:
         return None
+    if cfg.rollout == "hf" and plan.plan(config, dataclasses.replace(cfg, rollout="vllm"), hw)["fits"]:
+        return (f"does not fit: {p['per_gpu'] / GiB:.1f} GiB per GPU of {hw.gib:.1f} with the HF engine (a full "
+                "fp32 KV cache of every rollout); fits: vLLM, pip install vllm (README), then the same command")
     more_here = smallest_fit(config, cfg, hw.gib, [(1, n) for n in range(hw.gpus + 1, gpus_here + 1)]) \
         if hw.nodes == 1 else None
     if more_here:

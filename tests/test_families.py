@@ -256,7 +256,7 @@ def test_family_train_py_runs_and_resumes_exactly(tmp_path, family):
     import train
     model_dir = str(tmp_path / "model")
     family_model(family, model_dir)
-    common = TRAIN_SMALL + ["--model", model_dir, "--save_every", "2", "--eval_every", "3", "--eval_problems", "4"]
+    common = TRAIN_SMALL + ["--recipe", "laptop", "--model", model_dir, "--save_every", "2", "--eval_every", "3", "--eval_problems", "4"]
     out = str(tmp_path / "cli")
     r = run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--max_steps", "3", "--out_dir", out])
     assert "rollout engine: hf" in r.stdout
@@ -309,7 +309,7 @@ def test_family_train_py_on_vllm(tmp_path, family):
     model_dir = str(tmp_path / "model")
     family_model(family, model_dir)
     out = str(tmp_path / "run")
-    flags = [a for a in TRAIN_SMALL if a not in ("--rollout", "hf")] + ["--rollout", "vllm", "--eval_problems", "4"]
+    flags = [a for a in TRAIN_SMALL if a not in ("--rollout", "hf")] + ["--rollout", "vllm", "--eval_problems", "4", "--recipe", "laptop"]
     r = run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--model", model_dir, "--max_steps", "3",
              "--out_dir", out, "--is_correction", "--is_level", "sequence", "--is_mode", "mask"], env=_vllm_env())
     assert "rollout engine: vllm (asked for)" in r.stdout

@@ -60,13 +60,18 @@ def test_a_flag_given_wins_and_the_first_line_names_it(capsys):
 
 
 def test_only_the_papers_models_get_luffys_positions(tmp_path, capsys):
+    """LUFFY's 16k settings for a Qwen2.5-Math model with too few positions; another model with too few
+    is left to the run's one-line refusal, and a Qwen2.5-Math copy with enough needs none."""
     import shutil
+    assert config_of(capsys, "--model", QWEN_1_5B)["max_positions"] == 16384
     other = tmp_path / "some-llm"
     shutil.copytree(QWEN_1_5B, other)
-    assert config_of(capsys, "--model", str(other))["max_positions"] == 0  # the run refuses it, as before
-    roomy = json.load(open(os.path.join(QWEN_1_5B, "config.json")))
-    assert roomy["max_position_embeddings"] >= 1024 + 8192  # the 1.5B already has enough: no override
-    assert config_of(capsys, "--model", QWEN_1_5B)["max_positions"] == 0
+    assert config_of(capsys, "--model", str(other))["max_positions"] == 0
+    roomy = tmp_path / "qwen2.5-math-32k"
+    shutil.copytree(QWEN_1_5B, roomy)
+    config = json.load(open(roomy / "config.json"))
+    json.dump({**config, "max_position_embeddings": 32768}, open(roomy / "config.json", "w"))
+    assert config_of(capsys, "--model", str(roomy))["max_positions"] == 0
 
 
 def test_a_run_from_a_laptop_checkpoint_keeps_the_laptop_recipe(tmp_path, capsys):
@@ -102,14 +107,26 @@ def test_the_recipe_fits_8x80_and_not_1x80(capsys):
 @pytest.fixture
 def gpus(monkeypatch):
     """fake(n, gib): n CUDA devices of gib GiB each, as the pre-flight and the auto-launch see them."""
+    allocator = []  # PYTORCH_CUDA_ALLOC_CONF when CUDA was first asked a question that starts it
+
     def fake(n, gib=H100_GIB):
         from types import SimpleNamespace
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: SimpleNamespace(total_memory=gib * 2 ** 30))
-        for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: allocator.append(
+            os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or SimpleNamespace(total_memory=gib * 2 ** 30))
+        for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK",
+                    "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
             monkeypatch.delenv(var, raising=False)
+        return allocator
     return fake
+
+
+@pytest.fixture
+def vllm_here(monkeypatch):
+    """--rollout auto resolves to vLLM, as on a GPU node where it is installed (the pre-flight plans for it)."""
+    import train
+    monkeypatch.setattr(train, "resolve_engine", lambda kind: ("vllm", "faked"))
 
 
 @pytest.fixture
@@ -121,21 +138,22 @@ def launched(monkeypatch):
     return calls
 
 
-def test_preflight_refuses_one_h100_naming_the_torchrun_line(gpus, launched, capsys):
-    gpus(1)
-    r = train_here(capsys, "--model", QWEN_7B, "--rollout", "hf")
+def test_preflight_refuses_one_h100_naming_the_torchrun_line(gpus, vllm_here, launched, capsys):
+    allocator = gpus(1)
+    r = train_here(capsys, "--model", QWEN_7B)
     err = r.stderr.strip()
     assert r.returncode == 2 and "\n" not in err and not launched, err
     assert err.startswith("train.py: error: does not fit: ") and "GiB per GPU of 79.2" in err
     assert "fits: torchrun --nproc_per_node 8 train.py --model" in err and "--plan 8x79.2" in err
+    assert allocator == ["expandable_segments:True"]  # set before the pre-flight started CUDA
 
 
-def test_preflight_accepts_eight_h100s_and_the_auto_launch_starts_eight(gpus, launched, capsys):
+def test_preflight_accepts_eight_h100s_and_the_auto_launch_starts_eight(gpus, vllm_here, launched, capsys):
     gpus(8)
-    r = train_here(capsys, "--model", QWEN_7B, "--rollout", "hf")
+    r = train_here(capsys, "--model", QWEN_7B)
     assert r.returncode == 0 and launched and launched[0][0] == 8, r.stderr
     assert r.stdout.startswith("train.py: starting 8 ranks on this node")
-    assert launched[0][1] == os.path.join(ROOT, "train.py") and launched[0][2] == ["--model", QWEN_7B, "--rollout", "hf"]
+    assert launched[0][1] == os.path.join(ROOT, "train.py") and launched[0][2] == ["--model", QWEN_7B]
 
 
 def test_auto_launch_picks_n(gpus, launched, monkeypatch):
@@ -148,13 +166,21 @@ def test_auto_launch_picks_n(gpus, launched, monkeypatch):
     assert ranks_to_start(0) == 1
 
 
-def test_preflight_offers_a_flag_when_more_ranks_would_not_help(gpus, launched, capsys):
-    """Eight GPUs of 40 GiB: with --micro_batch_tokens 65536 the trainer's activations do not fit, a
-    smaller budget does; the line names it."""
-    gpus(8, 40.0)
-    r = train_here(capsys, "--model", QWEN_7B, "--rollout", "hf", "--micro_batch_tokens", "131072")
+def test_preflight_offers_a_flag_when_more_ranks_would_not_help(gpus, vllm_here, launched, capsys):
+    """All eight GPUs in use, and a 131,072-token micro-batch's activations do not fit beside vLLM; a
+    smaller budget does: the line names it."""
+    gpus(8)
+    r = train_here(capsys, "--model", QWEN_7B, "--micro_batch_tokens", "131072")
     err = r.stderr.strip()
     assert r.returncode == 2 and "does not fit" in err and "--micro_batch_tokens " in err.split("fits:")[1], err
+
+
+def test_without_vllm_the_preflight_says_to_install_it(gpus, launched, capsys):
+    import train
+    gpus(8)
+    assert train.resolve_engine("auto")[0] == "hf"  # no vLLM in this environment
+    err = train_here(capsys, "--model", QWEN_7B).stderr.strip()
+    assert "with the HF engine" in err and "fits: vLLM" in err and not launched, err
 
 
 def test_no_preflight_goes_on_and_the_cpu_refusal_names_the_ram(gpus, capsys, monkeypatch):

@@ -166,7 +166,7 @@ def test_vllm_too_few_positions_refused_in_one_line(tmp_path, capsys):
         VLLMEngine(str(tmp_path), tok, max_model_len=100)
     assert "\n" not in str(e.value) and "has 64 positions" in str(e.value) and "max_model_len 100" in str(e.value)
     line = _one_line_exit(capsys, train.main, [a for a in TRAIN_SMALL if a not in ("--rollout", "hf")] + [
-        "--rollout", "vllm", "--model", str(tmp_path), "--data", _small_problems(tmp_path), "--max_new_tokens", "100",
+        "--rollout", "vllm", "--recipe", "laptop", "--model", str(tmp_path), "--data", _small_problems(tmp_path), "--max_new_tokens", "100",
         "--out_dir", str(tmp_path / "o")],
         "train.py: error: ")
     assert "has 64 positions" in line and "+ --max_new_tokens 100" in line and "--max_positions" in line
@@ -526,7 +526,7 @@ def test_train_from_a_hub_id_loads_and_samples_the_downloaded_directory(tmp_path
                         lambda name, allow_patterns: downloads.append(name) or tiny.SHIPPED)
     monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, path, **kw: paths.append(path) or
                         real(kind, model, tok, path, **kw))
-    train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "2", "--model", "someone/tiny-copy",
+    train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "2", "--recipe", "laptop", "--model", "someone/tiny-copy",
                               "--out_dir", str(tmp_path / "run")])
     assert downloads == ["someone/tiny-copy"] and paths == [tiny.SHIPPED]
 

@@ -30,6 +30,7 @@ def recipe(**kw):
     32,768-token budget (rows of this length fill it exactly, so the rehearsal's shape is the plan's)."""
     import train
     base = dict(max_prompt_tokens=1024, max_new_tokens=7168, max_solution_tokens=7168, micro_batch_tokens=32768,
+                max_positions=16384,  # LUFFY's 16k copy, as the paper recipe runs it
                 batch_prompts=128, group_size=8, grad_checkpointing=True, rollout="vllm")
     return dataclasses.replace(train.Config(), **{**base, **kw})
 
@@ -220,7 +221,7 @@ def test_clip_grad_norm_keeps_shards():
 
 README_7B = ["--batch_prompts", "128", "--group_size", "8", "--mini_batches", "2", "--lr", "1e-6", "--max_new_tokens",
              "8192", "--micro_batch_tokens", "32768", "--grad_checkpointing", "--entropy_coef", "0.001", "--rollout",
-             "vllm", "--eval_every", "25", "--save_every", "50"]
+             "vllm", "--eval_every", "25", "--save_every", "50", "--vllm_gpu_memory", "0.35"]  # vLLM's share before the recipe
 
 
 def run_plan(capsys, model, *flags):
@@ -269,7 +270,8 @@ def test_plan_1_5b_fits_on_one_80gib_gpu(capsys):
 
 
 def test_plan_warns_of_too_few_positions(capsys):
-    _, out = run_plan(capsys, QWEN_7B, *README_7B, "--max_prompt_tokens", "1024", "--plan", "8x80")
+    _, out = run_plan(capsys, QWEN_7B, *README_7B, "--max_prompt_tokens", "1024", "--max_positions", "4096",
+                      "--plan", "8x80")  # the shipped 4,096, not the recipe's 16k copy
     assert any("positions too short" in w and "9,216" in w and "4,096" in w for w in out["warnings"])
     _, short = run_plan(capsys, QWEN_7B, *README_7B, "--max_new_tokens", "3072", "--max_solution_tokens", "3072",
                         "--plan", "8x80")
@@ -278,7 +280,7 @@ def test_plan_warns_of_too_few_positions(capsys):
 
 def test_plan_needs_grad_checkpointing_for_the_7b_recipe(capsys):
     flags = [f for f in README_7B if f != "--grad_checkpointing"]
-    _, out = run_plan(capsys, QWEN_7B, *flags, "--plan", "8x80")
+    _, out = run_plan(capsys, QWEN_7B, *flags, "--no-grad_checkpointing", "--plan", "8x80")  # the recipe has it
     assert out["fits"] is False and any("the trainer needs" in w for w in out["warnings"])
 
 

@@ -41,8 +41,8 @@ def reward(completion, answer, checker):
 
 huggingface_hub.snapshot_download = snapshot_download
 launch.reward = reward
-cfg = train.parse_args(["--model", "someone/tiny-copy", "--rollout", "hf", "--method", "sft", "--out_dir", out,
-                        "--batch_prompts", "2"], dist)
+cfg, _ = train.parse_args(["--recipe", "laptop", "--model", "someone/tiny-copy", "--rollout", "hf", "--method", "sft", "--out_dir", out,
+                           "--batch_prompts", "2"], dist)
 run = launch.start(cfg, dist)
 json.dump({"rank": dist.rank, **seen, "teacher_ok": run.teacher_ok, "kept": len(run.problems)},
           open(os.path.join(out, f"rank{dist.rank}.json"), "w"))
