@@ -2,7 +2,7 @@
 and the checks the first GPU run of the 7B recipe must make (docs/SCALE.md).
 
     python benchmarks/gpu_check.py [--json PATH]      # needs CUDA; about 3 minutes on one H200
-    python benchmarks/gpu_check.py --checks scale     # only 4-6, the first GPU run's checks (~2 minutes)
+    python benchmarks/gpu_check.py --checks scale     # only 4-7, the first GPU run's checks (~2 minutes)
 
 Without CUDA it says so and exits 0: there is nothing to measure.
 
@@ -21,6 +21,9 @@ Random weights of Qwen2.5-0.5B's shape (no download), so it runs on a machine wi
    and checkpoint.find_resumable/load_state as train.py calls them; weights and AdamW state come back.
 6. plan.py against torch.cuda.max_memory_allocated for a Qwen2.5-Math-1.5B-shaped step on one GPU
    (grad checkpointing, two micro-batches of 16,384 tokens): within 15%, as the CPU rehearsal holds it.
+7. The pre-flight against the real card: its memory as CUDA reports it, the 7B recipe's verdict on this
+   one GPU (it does not fit, and the line names torchrun with 8 ranks), and this process's peak host RAM
+   after checks 4-6 (plan.RANK_HOST_GIB's CUDA part; vLLM is not on the GPU machine).
 """
 
 import argparse
@@ -90,7 +93,7 @@ def main():
         speed(res)
     if args.checks in ("all", "scale"):
         for name, check in (("grad_checkpointing", check_grad_checkpointing), ("save_resume", check_save_resume),
-                            ("plan_vs_cuda", check_plan)):
+                            ("plan_vs_cuda", check_plan), ("preflight", check_preflight)):
             res[name] = run_check(name, check, torch.device("cuda"), small_config())
     print(json.dumps(res, indent=1))
     if args.json:
@@ -289,6 +292,20 @@ def check_plan(device, _config=None):
     allocated = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"ok": allocated is None or abs(allocated - planned) <= 0.15 * planned, "plan_gib": round(planned, 2),
             "max_memory_allocated_gib": allocated, "step_peak_above_base_gib": peak}
+
+
+def check_preflight(device, _config=None):
+    """7. The pre-flight on this card: the 7B recipe on one GPU must not fit, and say torchrun with 8."""
+    from lib import preflight
+    from lib.models import load_config
+    model = os.path.join(ROOT, "tests", "data", "qwen2.5-math-7b")
+    cfg, note = train.parse_args(["--model", model, "--rollout", "vllm"], parallel.Dist(0, 1, device))
+    hw = preflight.hardware(1, cuda=device.type == "cuda")
+    line = preflight.check(load_config(model, cfg.rope_theta, cfg.max_positions), cfg, hw, device.type == "cuda",
+                           torch.cuda.device_count(), f"train.py --model {model}")
+    host = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2**20  # kB -> GiB
+    return {"ok": bool(line) and "torchrun --nproc_per_node 8" in line, "card_gib": round(hw.gib, 2), "recipe": note,
+            "line": line, "host_peak_gib": round(host, 2)}
 
 
 if __name__ == "__main__":

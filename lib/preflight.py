@@ -94,7 +94,9 @@ def check(config, cfg, hw, cuda, gpus_here, command):
         if flags:
             fits = f"{command} {flags[0]} (--plan {plan.plan_name(hw)} shows the rest)"
         elif bigger:
-            fits = torchrun_line(*bigger, command) + f" on nodes of {bigger[0].gpus} such GPUs"
+            hw_, _ = bigger
+            fits = torchrun_line(*bigger, command) + (f" on a node of {hw_.gpus} such GPUs" if hw_.nodes == 1 else
+                                                      f" on {hw_.nodes} nodes of {hw_.gpus} such GPUs")
         else:
             fits = "nothing up to 8 nodes of 8 such GPUs: see --plan"
     return f"does not fit: {p['per_gpu'] / GiB:.1f} GiB per GPU of {hw.gib:.1f}; fits: {fits}"
