@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import hapo
-import launch
 import update
 from lib import checkpoint, data, parallel, plan, preflight, recipes, task, tiny, tracking
 from lib.checkpoint import CheckpointError
@@ -186,6 +185,7 @@ def main(argv=None):
         print(f"train.py: starting {ranks} ranks on this node (torchrun --standalone --nproc_per_node {ranks}); "
               "--nproc 1 runs one process", flush=True)
         sys.exit(parallel.spawn(ranks, os.path.abspath(__file__), argv))
+    import launch  # here: the loading machinery's imports take seconds, which a refusal above need not wait for
     dist = parallel.init(cfg.dist_timeout_min)
     if dist.master:
         print(note, flush=True)

@@ -12,6 +12,7 @@ GPUs of this size, then several such nodes. `--no-preflight` skips all of it.
 
 import dataclasses
 import os
+import sys
 
 from lib import plan
 from lib.data import DataError
@@ -105,7 +106,8 @@ def check(config, cfg, hw, cuda, gpus_here, command):
 def run(cfg, world, argv, engine, master=True):
     """train.py's --plan (the table on rank 0; returns None) or its pre-flight for `world` ranks and the
     resolved rollout `engine` (None when the run fits, else the line). Reads config.json alone; a model
-    whose config cannot be read raises DataError in one line."""
+    whose config cannot be read is planned not at all: --plan raises DataError in one line, the pre-flight
+    says it skipped and lets the model's loading report why."""
     import torch
     from lib.models import load_config, resolve_model
     path = resolve_model(cfg.model)
@@ -117,7 +119,12 @@ def run(cfg, world, argv, engine, master=True):
         except (OSError, ValueError) as e:  # no config.json here nor in the hub cache
             raise DataError(f"--plan: could not read the config.json of '{cfg.model}' ({str(e).splitlines()[0][:200]}); "
                             "give a local directory or download it first (hf download MODEL config.json)") from None
-    config = load_config(path, cfg.rope_theta, cfg.max_positions)
+    try:
+        config = load_config(path, cfg.rope_theta, cfg.max_positions)
+    except DataError as e:  # no config.json to be had (no network?): loading the model will say why, in its words
+        if master:
+            print(f"train.py: pre-flight skipped: {e}", file=sys.stderr, flush=True)
+        return None
     cuda = torch.cuda.is_available()
     return check(config, dataclasses.replace(cfg, rollout=engine), hardware(world, cuda), cuda,
                  torch.cuda.device_count() if cuda else 0, " ".join(["train.py", *argv]))

@@ -23,7 +23,6 @@ import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from lib import task
 
@@ -48,7 +47,7 @@ RECIPE = dict(steps=3000, batch=64, lr=3e-3, seed=0, three=0.1)  # pretrain()'s 
 EOS = "<|endoftext|>"  # the Qwen2.5 name; also the pad token, as in Qwen2.5
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer():
     """A byte-level tokenizer with no merges: id 0 is EOS/pad, then one id per byte (257 in all).
 
     It is Qwen2.5's tokenizer format (byte-level BPE) with the merge list left empty, so every
@@ -58,6 +57,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     byte-level pieces and would silently drop characters from a tokenizer of another kind.
     No chat template, so data.render_prompt hands the model the bare problem text.
     """
+    from transformers import PreTrainedTokenizerFast  # here, not at import: train.py's pre-flight needs none
     vocab = {EOS: 0}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
@@ -73,13 +73,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 # Model
 
 
-def make_model(tokenizer, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+def make_model(tokenizer, seed: int = 0, **overrides):
     """A randomly initialised fp32 Qwen2 with the sizes above; `overrides` go to Qwen2Config.
 
     Tied embeddings like Qwen2.5-0.5B/1.5B, so weight sync and checkpoints take the same path as
     the real models. The global RNG is left untouched: the same seed gives the same weights
     whatever ran before.
     """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     eos = tokenizer.eos_token_id
     config = dict(
         vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
