@@ -321,7 +321,8 @@ def training_set(spec, eval_spec, tokenizer, max_prompt_tokens, max_solution_tok
     The held-out set defaults to the built-in task's eval split when training on the built-in task."""
     train, stats = load_problems(spec, "train")
     held_spec = eval_spec or (spec if task.is_builtin(spec) else "")
-    held = load_problems(held_spec, "eval", need_solution=False)[0] if held_spec else []
+    split = "eval" if task.is_builtin(held_spec) else "test"  # a hub benchmark's (MATH-500 has only "test")
+    held = load_problems(held_spec, split, need_solution=False)[0] if held_spec else []
     enc, enc_stats = encode(tokenizer, train, max_prompt_tokens, max_solution_tokens)
     teacher_ok = [score(e.solution, e.answer) for e in enc] if score else None
     stats = {**stats, **enc_stats, "teacher_unverified": sum(r < 0.5 for r in teacher_ok) if score else None}

@@ -226,3 +226,17 @@ def test_nproc_2_equals_torchrun_with_2_ranks(tmp_path):
     assert mine.stdout.startswith("train.py: starting 2 ranks on this node"), mine.stdout[:300]
     run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, "--out_dir", b], env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""})
     assert metrics(a) == metrics(b) and len(metrics(a)) == 4
+
+
+def test_the_papers_held_out_set_is_read_from_its_test_split(monkeypatch):
+    """MATH-500 on the hub has one split, "test": the held-out set of a hub id is read from it."""
+    from lib import data, tiny
+    asked = []
+
+    def hub(name, split):
+        asked.append((name, split))
+        return enumerate([{"problem": "1+1?", "answer": "2", "solution": "\\boxed{2}"}], 1)
+    monkeypatch.setattr(data, "_hub_rows", hub)
+    _, _, held, _ = data.training_set("builtin", "HuggingFaceH4/MATH-500", tiny.make_tokenizer(), 1024, 8192, 500,
+                                      lambda completion, answer: 1.0)
+    assert asked == [("HuggingFaceH4/MATH-500", "test")] and [p.answer for p in held] == ["2"]
