@@ -45,7 +45,7 @@ class Config:
     micro_batch: int = 64  # trajectories per forward/backward (gradient accumulation)
     micro_batch_tokens: int = 0  # >0: micro-batches by token budget instead, rows sorted by length
     pack: bool = False  # with micro_batch_tokens: pack each micro-batch into one row, no padding
-    lr: float = 5e-4  # AdamW peak learning rate (the tiny model; the 7B recipe: 1e-6)
+    lr: float = 5e-4  # AdamW peak learning rate
     lr_schedule: str = "constant"  # constant | linear | cosine decay after the warm-up (paper: constant)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps
     weight_decay: float = 0.0  # AdamW weight decay (LUFFY's script: 0.01)
