@@ -45,6 +45,8 @@ def _digits(e):
             return 0.0  # 0, 1 and -1 to any power stay small: 1^{10^{10}} is cheap
         n = abs(x.p) if x.is_Rational else 10 ** dx if dx < 7 else math.inf  # bound on |exponent|
         return math.inf if n == math.inf else base * n
+    if name == "binomial" and len(d) == 2:  # C(n, k) < n^k: C(10^9, 5) is cheap, C(10^12, 10^6) is not
+        return math.inf if min(d) > 6 else 10 ** d[1] * d[0]
     if name in ("factorial", "binomial", "gamma"):
         return math.inf if max(d) > 4 else 10 ** max(d) * max(d)
     return sum(d) if e.is_Mul else max(d) + math.log10(len(d)) + 0.5
@@ -75,7 +77,8 @@ def _parse(src, sp):
     local = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "e": sp.E, "i": sp.I,
              "root": lambda x, n: sp.real_root(x, n) if x.is_number else sp.root(x, n),  # \\sqrt[3]{-8} is -2
              "Sum": lambda v, lo, hi, body: sp.Sum(body, (v, lo, hi)),
-             "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi))}
+             "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi)),
+             "gcd": lambda *args: _fold(sp.gcd, args), "lcm": lambda *args: _fold(sp.lcm, args)}
     kw = dict(local_dict=local | {n: sp.Symbol(n) for n in names(src) | bound(src)},
               transformations=standard_transformations + (implicit_multiplication, rationalize))
     e = parse_expr(src, evaluate=False, **kw)
@@ -83,6 +86,16 @@ def _parse(src, sp):
         raise _TooLarge(e)
     e = parse_expr(src, **kw)
     return e.doit() if e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
+
+
+def _fold(f, args):
+    """gcd or lcm of any number of arguments, refusing arguments too large to evaluate first."""
+    if max(map(_digits, args)) > MAX_DIGITS:
+        raise _TooLarge(args[0])
+    out = args[0].doit()
+    for x in args[1:]:
+        out = f(out, x.doit())
+    return out
 
 
 class _TooLarge(ValueError):
