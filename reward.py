@@ -69,7 +69,7 @@ _REPLACE = [  # substring -> replacement, in this order
 ]
 _INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leqq", "<="), ("\\geqq", ">="), ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="),
          ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"), ("\\ne", "≠")]
-_STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm)\s*\{([^{}]*)\}")
+_STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm|num)\s*\{([^{}]*)\}")
 _UNITS = {"cm", "mm", "km", "m", "in", "ft", "inch", "inches", "feet", "foot", "yd", "yards", "miles",
           "meter", "meters", "units", "unit", "sq", "degrees", "degree", "dollars", "cents", "hours",
           "minutes", "seconds", "days", "mph", "kg", "g", "lb", "pounds", "ways", "people", "students"}
@@ -80,6 +80,7 @@ _MATRIX = re.compile(r"[(\[]?\\begin\{(?:[pbvBV]?|small)matrix\}(.*)\\end\{(?:[p
 def _drop_text(s):
     """\\text{ cm} after a number is a unit, dropped; \\text{(C)} or \\text{no solution} alone is the answer."""
     s = re.sub(r"\\(?:text|mbox|textrm)\s*\{\s*(?:or|and)\s*\}|\s(?:or|and)\s", ",", s)  # x=1 or x=2
+    s = re.sub(r"(?<=[\d}])\s*\\mathrm\s*\{\s*(?![ei]\s*\})[A-Za-z]\s*\}\s*$", "", s)  # 5\,\mathrm{J}: a unit
     s = re.sub(r"\\mathrm\s*\{\s*([A-Za-z])\s*\}", r"\1", _STYLE.sub(r"\1", s))  # \mathrm{e} is e
     rest = _TEXT.sub("", s)
     return rest if re.search(r"[0-9A-Za-z]", rest) else _TEXT.sub(r"\1", s)
@@ -128,6 +129,8 @@ def _choice(s, mode="only"):
     """The letter of a multiple-choice answer. only: C, (C), \\text{(C)}; lead: (C) 12; any: either, or
     C. 12. A letter inside an expression (2C, C^2, \\mathrm{C}+1) is no choice."""
     t = re.sub(r"^(?:[Cc]hoice|[Oo]ption|[Aa]nswer):?", "", re.sub(r"\\[A-Za-z]+|[{}$\s]", "", s))
+    if len(re.findall(r"\([A-E]\)", t)) > 1:
+        return None  # (A) and (B) is two choices
     pattern = {"only": r"\(?([A-E])\)?\.?$()", "lead": r"\(([A-E])\)()",
                "any": r"\(([A-E])\)|([A-E])(?:\.?$|[.:)](?=[\d\\+-]))"}[mode]
     m = re.match(pattern, t)
@@ -325,6 +328,7 @@ def _equiv(pred, gold, deadline):
         if _choice(pred, "any"):
             return _choice(pred, "any") == _choice(gold, "lead")
         g = re.sub(r"^\([A-E]\)", "", g)
+    p = re.sub(r"^\([A-E]\)(?=.)", "", p)  # (B) 2\sqrt{2} for a gold 2\sqrt{2}
     if _value_equal(p, g, deadline):
         return True
     return bool(re.search(r"\\cup|\\cap|\\setminus|\\backslash|≠|[)\]}]-\\\{", p + g)) and _set_equal(p, g, deadline)

@@ -504,6 +504,8 @@ CASES = [
     ("relation", "x + y < 5", "5 \\ge x+y", 0.0), ("relation", "y \\leq x", "x \\geq y", 1.0),
     ("relation", "\\{x \\mid x > 3\\}", "x > 3", 1.0), ("relation", "\\{x \\mid x \\geq 3\\}", "(3, \\infty)", 0.0),
     ("relation", "x ⩾ 2", "x \\ge 2", 1.0), ("relation", "x \\geqq 2", "[2,\\infty)", 1.0), ("relation", "x>2", "x\\geq 2", 0.0),
+    ("relation", "\\lambda > 0", "0 < \\lambda", 1.0), ("relation", "m \\in [1, 3]", "1 \\le m \\le 3", 1.0),
+    ("relation", "x < -1 \\text{ or } x > 3", "(-\\infty,-1]\\cup(3,\\infty)", 0.0),
     # scientific notation, every spelling, compared as the exact value written
     ("scinot", "3.2\\times10^{4}", "32000", 1.0), ("scinot", "3.2 \\cdot 10^4", "32000", 1.0),
     ("scinot", "3.2e4", "32000", 1.0), ("scinot", "3.2E+04", "32000", 1.0), ("scinot", "32000", "3.2 \\times 10^4", 1.0),
@@ -524,6 +526,10 @@ CASES = [
     ("scinot", "3.2 x 10^4", "32000", 1.0), ("scinot", "3.2*10^4", "32000", 1.0), ("scinot", "2x10^3", "2000x", 0.0),
     ("scinot", "(1e3, 2e3)", "(1000,2000)", 1.0), ("scinot", "2e3", "2e^3", 0.0), ("scinot", "\\frac{1}{e}", "e^{-1}", 1.0),
     ("scinot", "1.5 \\cdot 10^{-2}", "0.15", 0.0), ("scinot", "6.674 \\times 10^{-11}", "6.674e-11", 1.0),
+    ("scinot", "\\num{3.2e4}", "32000", 1.0), ("scinot", "3.2 \\times 10^4 \\mathrm{~m}", "32000", 1.0),
+    ("scinot", "3.2 \\times 10^{4}\\,\\mathrm{J}", "3.2\\times10^{4}", 1.0), ("scinot", "-3.2e4", "32000", 0.0),
+    ("scinot", "1.60 \\times 10^{-19}", "1.6 \\times 10^{-18}", 0.0), ("scinot", "3.2 \\times {10}^{4}", "32000", 1.0),
+    ("scinot", "5\\,\\mathrm{e}", "5", 0.0), ("scinot", "1+\\mathrm{i}", "1+i", 1.0),
     # closed forms left unevaluated: evaluated when their arguments are numbers
     ("closed", "\\gcd(12, 18)", "6", 1.0), ("closed", "\\gcd(12,18)", "3", 0.0),
     ("closed", "\\operatorname{lcm}(4, 6)", "12", 1.0), ("closed", "\\text{lcm}(4,6)", "12", 1.0),
@@ -551,6 +557,8 @@ CASES = [
     ("closed", "\\operatorname{max}(1,2)", "2", 1.0), ("closed", "\\max(x, 3)", "3", 0.0), ("closed", "(4,6)", "\\text{lcm}(4,6)", 0.0),
     ("closed", "\\lfloor 2.5 \\rfloor + \\lceil 2.5 \\rceil", "5", 1.0), ("closed", "7 \\bmod 0", "7", 0.0),
     ("closed", "5\\text{ min}", "5", 1.0), ("closed", "5 \\text{ min}", "6", 0.0),
+    ("closed", "3^{2023} \\bmod 5", "2", 1.0), ("closed", "3^{2023} \\bmod 5", "3", 0.0),
+    ("closed", "\\max \\left\\{ 1, 2 \\right\\}", "2", 1.0), ("closed", "\\lfloor \\log_2 100 \\rfloor", "6", 1.0),
     # a choice letter only when the box holds a choice
     ("letter", "\\text{C}", "C", 1.0), ("letter", "\\textbf{(C)}", "C", 1.0), ("letter", "(\\text{C})", "C", 1.0),
     ("letter", "\\mathrm{(C)}", "C", 1.0), ("letter", "\\textbf{C}", "C", 1.0), ("letter", "\\mathbf{(C)}", "C", 1.0),
@@ -565,4 +573,6 @@ CASES = [
     ("letter", "\\text{Option C}", "C", 1.0), ("letter", "\\text{Answer: B}", "C", 0.0), ("letter", "A, C", "A", 0.0),
     ("letter", "\\textbf{(E)}\\ \\frac{1}{2}", "\\textbf{(E) }\\frac12", 1.0), ("letter", "\\frac13", "\\textbf{(E) }\\frac12", 0.0),
     ("letter", "\\text{C: } 7", "C", 1.0),
+    ("letter", "\\text{(A)}\\ \\text{and}\\ \\text{(B)}", "A", 0.0), ("letter", "\\textbf{(B)}\\ 2\\sqrt{2}", "2\\sqrt2", 1.0),
+    ("letter", "\\textbf{(B)}\\ 2\\sqrt{2}", "3\\sqrt2", 0.0),
 ]
