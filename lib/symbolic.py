@@ -78,7 +78,8 @@ def _parse(src, sp):
              "root": lambda x, n: sp.real_root(x, n) if x.is_number else sp.root(x, n),  # \\sqrt[3]{-8} is -2
              "Sum": lambda v, lo, hi, body: sp.Sum(body, (v, lo, hi)),
              "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi)),
-             "gcd": lambda *args: _fold(sp.gcd, args), "lcm": lambda *args: _fold(sp.lcm, args)}
+             "gcd": lambda *args: _fold(sp.gcd, args), "lcm": lambda *args: _fold(sp.lcm, args),
+             **{f.__name__: _bounded(f) for f in (sp.Max, sp.Min, sp.Mod, sp.floor, sp.ceiling, sp.Abs)}}
     kw = dict(local_dict=local | {n: sp.Symbol(n) for n in names(src) | bound(src)},
               transformations=standard_transformations + (implicit_multiplication, rationalize))
     e = parse_expr(src, evaluate=False, **kw)
@@ -86,6 +87,16 @@ def _parse(src, sp):
         raise _TooLarge(e)
     e = parse_expr(src, **kw)
     return e.doit() if e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
+
+
+def _bounded(f):
+    """f, refusing arguments too large to evaluate before it sees them: building Max(9^{9^{9^9}}, 1)
+    or Mod(2^{10^{12}}, 7) compares or reduces its arguments, even unevaluated."""
+    def call(*args, **kw):
+        if max(map(_digits, args)) > MAX_DIGITS:
+            raise _TooLarge(args[0])
+        return f(*args, **kw)
+    return call
 
 
 def _fold(f, args):
