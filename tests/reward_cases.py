@@ -479,6 +479,9 @@ CASES = [
     ("malformed", "", "", 0.0),
     ("malformed", "|x", "x", 0.0),
     ("malformed", "\\sqrt{}", "0", 0.0),
+    # a constant that cancels in the difference is still a variable of each side (it sent sympy to simplify)
+    ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{3} + C", 0.0), ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{2} + C", 1.0),
+    ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln\\sqrt{|x|} + C", 1.0), ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln|x| + C", 0.0),
     # relations written either way round: the same relation (symbol, strictness, bound), never a number
     ("relation", "x \\le 5", "5 \\ge x", 1.0), ("relation", "5 \\geq x", "x \\leq 5", 1.0),
     ("relation", "x > 3", "3 < x", 1.0), ("relation", "3 < x", "x > 3", 1.0),
