@@ -482,6 +482,12 @@ CASES = [
     # a constant that cancels in the difference is still a variable of each side (it sent sympy to simplify)
     ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{3} + C", 0.0), ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{2} + C", 1.0),
     ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln\\sqrt{|x|} + C", 1.0), ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln|x| + C", 0.0),
+    # sums whose limits hold the variable compare as sequences (Sum.doit() took ~1 s on a loaded machine)
+    ("large", "\\sum_{k=0}^{n} \\binom{n}{k}", "2^n", 1.0), ("large", "\\sum_{k=0}^{n} \\binom{n}{k}", "2^{n+1}", 0.0),
+    ("large", "\\sum_{k=1}^{n} \\frac{1}{k(k+1)}", "\\frac{n}{n+1}", 1.0), ("large", "\\sum_{k=1}^{n} k", "\\frac{n(n-1)}{2}", 0.0),
+    ("large", "\\sum_{k=1}^{n^n} k", "1", 0.0),
+    # a repeating decimal with \\bar, as docs/REWARD.md shows it
+    ("frac", "0.\\bar{3}", "\\frac13", 1.0), ("frac", "0.\\bar{3}", "0.3", 0.0),
     # relations written either way round: the same relation (symbol, strictness, bound), never a number
     ("relation", "x \\le 5", "5 \\ge x", 1.0), ("relation", "5 \\geq x", "x \\leq 5", 1.0),
     ("relation", "x > 3", "3 < x", 1.0), ("relation", "3 < x", "x > 3", 1.0),

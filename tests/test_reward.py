@@ -118,9 +118,9 @@ def test_explosive_input_equal_to_itself():
 
 
 def test_slow_sympy_is_cut_off_and_the_worker_recovers():
-    # passes every pre-check, but sympy's Sum.doit() looks for a closed form for many seconds: the worker
-    # must be killed (the earlier example, \infty x + (x+1)^{300}(x+3)^{300}, is now settled in 0.1 s)
-    pred, gold = "\\sum_{k=1}^{n} k^{k}", "\\sum_{k=1}^{n} k^{k+1}"
+    # passes every pre-check, but sympy's Sum.doit() looks for a closed form for many seconds (x is no
+    # limit, so the sums are not compared as sequences of n): the worker must be killed
+    pred, gold = "\\sum_{k=1}^{n} k^{x}", "\\sum_{k=1}^{n} k^{x+1}"
     assert reward(box("\\sqrt{4}"), "2") == 1.0
     r, t = _timed_in_thread(box(pred), gold)
     assert r == 0.0 and 0.5 < t < 1.5
