@@ -479,6 +479,8 @@ CASES = [
     ("malformed", "", "", 0.0),
     ("malformed", "|x", "x", 0.0),
     ("malformed", "\\sqrt{}", "0", 0.0),
+    ("malformed", "\\gcd(__import__('os').getpid(), 1)", "1", 0.0), ("malformed", "__import__('os') \\bmod 2", "0", 0.0),
+    ("malformed", "\\max(().__class__, 1)", "1", 0.0), ("malformed", "1e5.__class__", "100000", 0.0),
     # a constant that cancels in the difference is still a variable of each side (it sent sympy to simplify)
     ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{3} + C", 0.0), ("expr", "\\frac{1}{2}x^2 + C", "\\frac{x^2}{2} + C", 1.0),
     ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln\\sqrt{|x|} + C", 1.0), ("expr", "\\frac{1}{2}\\ln|x| + C", "\\ln|x| + C", 0.0),
