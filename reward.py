@@ -6,9 +6,9 @@ what counts as correct, the measured speed and agreement, and the known gaps: do
 - The prediction is the content of the *last* `\\boxed{...}`; none, an empty or an unclosed one scores 0.
 - Both sides are normalised; latex.py reads other spellings (`{a \\over b}`, `½`, an array in brackets
   as a matrix). A different unit is wrong (`20 m` for `20 cm`); a missing one is not.
-- Numbers compare exactly without sympy, scientific notation too (`3.2e4`, `3.2 \\times 10^{4}`); `50\\%` is 50
-  or 0.5, but `0.15\\%` is not `15\\%`. `\\gcd`, `\\operatorname{lcm}`, `\\max`, `\\min`, `a \\bmod b` are evaluated
-  when their arguments are numbers, factorials, binomials and floors within the size bound.
+- Numbers compare exactly without sympy, scientific notation too (`3.2e4`, `3.2 \\times 10^{4}`); `50\\%`
+  is 50 or 0.5, but `0.15\\%` is not `15\\%`. `\\gcd`, `\\operatorname{lcm}`, `\\max`, `\\min`, `a \\bmod b`
+  are evaluated when their arguments are numbers, factorials, binomials and floors within the size bound.
 - A gold letter A-E is multiple choice: `C`, `(C)`, `\\textbf{(C) }12` name C, but `2C` or `C^2` name none.
 - An inequality is an interval however it is written (`3 > x` is `x < 3`), never a bare number.
 - Tuples and intervals compare element-wise; sets, lists (`,`, `;`, `or`, `\\quad`) and `a \\pm b` as sets
@@ -27,8 +27,8 @@ call returns in about a second from any thread; what is too large to evaluate is
 import re, time
 from fractions import Fraction
 
-from lib.latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, scientific, set_source, split_top,
-                   to_python, unicode_tex, units, unnest)
+from lib.latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, scientific, set_source,
+                   split_top, to_python, unicode_tex, units, unnest)
 from lib.symbolic import (CHECKERS, STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal,  # noqa: F401
                       terminates, warm_spare)
 
@@ -64,11 +64,12 @@ _REPLACE = [  # substring -> replacement, in this order
     ("$", ""), ("\\%", "%"), ("{,}", ","), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"),
     ("\\rvert", "|"), ("\\vert", "|"), ("\\mid", "|"), ("\\qquad", ","), ("\\quad", ","), ("\\lor", ","),
     ("\\vee", ","), (";", ","), ("~", " "), ("−", "-"), ("×", "\\times "), ("·", "\\cdot "), ("π", "\\pi "),
-    ("∞", "\\infty "), ("√", "\\sqrt"), ("≤", "\\le "), ("≥", "\\ge "), ("⩽", "\\le "), ("⩾", "\\ge "), ("\\mathbb{R}", "(-\\infty,\\infty)"),
-    ("\\emptyset", "∅"), ("\\varnothing", "∅"), ("\\{\\}", "∅"),
+    ("∞", "\\infty "), ("√", "\\sqrt"), ("≤", "\\le "), ("≥", "\\ge "), ("⩽", "\\le "), ("⩾", "\\ge "),
+    ("\\mathbb{R}", "(-\\infty,\\infty)"), ("\\emptyset", "∅"), ("\\varnothing", "∅"), ("\\{\\}", "∅"),
 ]
-_INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leqq", "<="), ("\\geqq", ">="), ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="),
-         ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"), ("\\ne", "≠")]
+_INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leqq", "<="), ("\\geqq", ">="), ("\\leq", "<="),
+         ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"),
+         ("\\ne", "≠")]
 _STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm|num)\s*\{([^{}]*)\}")
 _UNITS = {"cm", "mm", "km", "m", "in", "ft", "inch", "inches", "feet", "foot", "yd", "yards", "miles",
           "meter", "meters", "units", "unit", "sq", "degrees", "degree", "dollars", "cents", "hours",
