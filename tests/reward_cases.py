@@ -488,6 +488,10 @@ CASES = [
     ("large", "\\sum_{k=0}^{n} \\binom{n}{k}", "2^n", 1.0), ("large", "\\sum_{k=0}^{n} \\binom{n}{k}", "2^{n+1}", 0.0),
     ("large", "\\sum_{k=1}^{n} \\frac{1}{k(k+1)}", "\\frac{n}{n+1}", 1.0), ("large", "\\sum_{k=1}^{n} k", "\\frac{n(n-1)}{2}", 0.0),
     ("large", "\\sum_{k=1}^{n^n} k", "1", 0.0),
+    ("large", "\\sum_{k=1}^{n} k^2", "\\frac{n(n+1)(2n+1)}{6}", 1.0), ("large", "\\sum_{k=1}^{n} k^2", "\\frac{n(n+1)(2n-1)}{6}", 0.0),
+    ("large", "\\prod_{k=1}^{n} \\frac{k+1}{k}", "n+1", 1.0), ("large", "\\sum_{k=1}^{n} \\frac{1}{2^k}", "1 - 2^{-n}", 1.0),
+    ("relation", "x \\geq 2 \\text{ or } x \\leq -2", "(-\\infty,-2]\\cup[2,\\infty)", 1.0),
+    ("relation", "x > 2 \\text{ or } x \\leq -2", "(-\\infty,-2]\\cup[2,\\infty)", 0.0),
     # a repeating decimal with \\bar, as docs/REWARD.md shows it
     ("frac", "0.\\bar{3}", "\\frac13", 1.0), ("frac", "0.\\bar{3}", "0.3", 0.0),
     # relations written either way round: the same relation (symbol, strictness, bound), never a number
