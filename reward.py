@@ -6,10 +6,14 @@ what counts as correct, the measured speed and agreement, and the known gaps: do
 - The prediction is the content of the *last* `\\boxed{...}`; none, an empty or an unclosed one scores 0.
 - Both sides are normalised; latex.py reads other spellings (`{a \\over b}`, `½`, an array in brackets
   as a matrix). A different unit is wrong (`20 m` for `20 cm`); a missing one is not.
-- Numbers compare exactly without sympy; `50\\%` is 50 or 0.5, but `0.15\\%` is not `15\\%`.
-- A gold letter A-E is multiple choice. Tuples and intervals compare element-wise; sets, lists (`,`,
-  `;`, `or`, `\\quad`) and `a \\pm b` as sets of solutions (any order, a repeat counting once); set
-  notation (`\\mathbb{R}\\setminus\\{0\\}`, unions that merge) as sets of reals.
+- Numbers compare exactly without sympy, scientific notation too (`3.2e4`, `3.2 \\times 10^{4}`); `50\\%`
+  is 50 or 0.5, but `0.15\\%` is not `15\\%`. `\\gcd`, `\\operatorname{lcm}`, `\\max`, `\\min`, `a \\bmod b`
+  are evaluated when their arguments are numbers, factorials, binomials and floors within the size bound.
+- A gold letter A-E is multiple choice: `C`, `(C)`, `\\textbf{(C) }12` name C, but `2C` or `C^2` name none.
+- An inequality is an interval however it is written (`3 > x` is `x < 3`), never a bare number.
+- Tuples and intervals compare element-wise; sets, lists (`,`, `;`, `or`, `\\quad`) and `a \\pm b` as sets
+  of solutions (any order, a repeat counting once); set notation (`\\mathbb{R}\\setminus\\{0\\}`, unions
+  that merge) as sets of reals.
 - With `=`: a label goes (`x = 3`, `f(2) = 5`, a gold `(p,q) = (3,2)`); every value of a chain must
   equal the gold (`\\frac38 = 0.375`); two equations are equal up to rearrangement or a nonzero factor.
 - Anything else goes to sympy: equal when the difference is 0, exactly or to 25 digits at a few
@@ -23,8 +27,8 @@ call returns in about a second from any thread; what is too large to evaluate is
 import re, time
 from fractions import Fraction
 
-from lib.latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, set_source, split_top, to_python,
-                   unicode_tex, units, unnest)
+from lib.latex import (_GREEK, _TEXT, brace_group, interval, names, over_to_frac, scientific, set_source,
+                   split_top, to_python, unicode_tex, units, unnest)
 from lib.symbolic import (CHECKERS, STARTUP_TIMEOUT, Deadline, check_checker, math_verify_equal, sympy_equal,  # noqa: F401
                       terminates, warm_spare)
 
@@ -55,17 +59,18 @@ def extract_boxed(text):
 
 _REPLACE = [  # substring -> replacement, in this order
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"),
-    ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\limits", ""),
+    ("\\tbinom", "\\binom"), ("\\displaystyle", ""), ("\\textstyle", ""), ("\\pmod", "\\bmod "), ("\\limits", ""),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""), ("\\$", ""),
     ("$", ""), ("\\%", "%"), ("{,}", ","), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\lvert", "|"),
     ("\\rvert", "|"), ("\\vert", "|"), ("\\mid", "|"), ("\\qquad", ","), ("\\quad", ","), ("\\lor", ","),
     ("\\vee", ","), (";", ","), ("~", " "), ("−", "-"), ("×", "\\times "), ("·", "\\cdot "), ("π", "\\pi "),
-    ("∞", "\\infty "), ("√", "\\sqrt"), ("≤", "\\le "), ("≥", "\\ge "), ("\\mathbb{R}", "(-\\infty,\\infty)"),
-    ("\\emptyset", "∅"), ("\\varnothing", "∅"), ("\\{\\}", "∅"),
+    ("∞", "\\infty "), ("√", "\\sqrt"), ("≤", "\\le "), ("≥", "\\ge "), ("⩽", "\\le "), ("⩾", "\\ge "),
+    ("\\mathbb{R}", "(-\\infty,\\infty)"), ("\\emptyset", "∅"), ("\\varnothing", "∅"), ("\\{\\}", "∅"),
 ]
-_INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="),
-         ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"), ("\\ne", "≠")]
-_STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm)\s*\{([^{}]*)\}")
+_INEQ = [("\\leqslant", "<="), ("\\geqslant", ">="), ("\\leqq", "<="), ("\\geqq", ">="), ("\\leq", "<="),
+         ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"), ("\\neq", "≠"),
+         ("\\ne", "≠")]
+_STYLE = re.compile(r"\\(?:mathbf|boldsymbol|mathit|mathsf|textbf|textit|emph|bm|num)\s*\{([^{}]*)\}")
 _UNITS = {"cm", "mm", "km", "m", "in", "ft", "inch", "inches", "feet", "foot", "yd", "yards", "miles",
           "meter", "meters", "units", "unit", "sq", "degrees", "degree", "dollars", "cents", "hours",
           "minutes", "seconds", "days", "mph", "kg", "g", "lb", "pounds", "ways", "people", "students"}
@@ -76,6 +81,7 @@ _MATRIX = re.compile(r"[(\[]?\\begin\{(?:[pbvBV]?|small)matrix\}(.*)\\end\{(?:[p
 def _drop_text(s):
     """\\text{ cm} after a number is a unit, dropped; \\text{(C)} or \\text{no solution} alone is the answer."""
     s = re.sub(r"\\(?:text|mbox|textrm)\s*\{\s*(?:or|and)\s*\}|\s(?:or|and)\s", ",", s)  # x=1 or x=2
+    s = re.sub(r"(?<=[\d}])\s*\\mathrm\s*\{\s*(?![ei]\s*\})[A-Za-z]\s*\}\s*$", "", s)  # 5\,\mathrm{J}: a unit
     s = re.sub(r"\\mathrm\s*\{\s*([A-Za-z])\s*\}", r"\1", _STYLE.sub(r"\1", s))  # \mathrm{e} is e
     rest = _TEXT.sub("", s)
     return rest if re.search(r"[0-9A-Za-z]", rest) else _TEXT.sub(r"\1", s)
@@ -98,12 +104,13 @@ def _normalize(s):
     s = re.sub(r"(\\(?:sin|cos|tan|sec|csc|cot)\s*\(?)\s*(\d+\.?\d*)\s*\^\s*\{?\\circ\}?", r"\1\\frac{\2\\pi}{180}", s)
     for old, new in _REPLACE:
         s = s.replace(old, new)
+    s = re.sub(r"\\(?:text|mathrm|operatorname)\s*\{\s*(gcd|lcm|mod)\s*\}|\\operatorname\s*\{(max|min)\}",
+               r"\\\1\2 ", s)  # \text{lcm}(4,6), but 5\text{ min} is a unit
     s = _drop_text(s).strip().rstrip(".").strip()
     s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).strip()
     s = re.sub(r",\s*(?=,)", "", s).strip(", ")  # x = 1, \quad x = 2 and 1; 2 are lists
-    s = re.sub(r"(?<!\d)(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,000 -> 1000; "1, 000" is a list
-        s = s.replace(",", "")
+    s = re.sub(r"(?<!\d)(\d*)\.(\d*)\\(?:overline|bar)\{(\d+)\}", _repeating, s)
+    s = scientific(s)
     m = re.fullmatch(r"([+-]?[\d.]*\d)(\s*)([A-Za-z]+(?:\s+[A-Za-z]+)*)(\^\{?[23]\}?)?", s)
     if m and (m[3] in _UNITS or m[2] and len(m[3]) > 1):  # "12 cm", "5 dollars", but not "2x"
         s = m[1]
@@ -120,10 +127,14 @@ def _normalize(s):
 
 
 def _choice(s, mode="only"):
-    """The letter of a multiple-choice answer. only: C, (C), \\text{(C)}; lead: (C) 12; any: either."""
-    t = re.sub(r"\\[A-Za-z]+|[{}$\s]", "", s)
-    pattern = {"only": r"\(?([A-E])\)?$()", "lead": r"\(([A-E])\)()", "any": r"\(([A-E])\)|([A-E])(?![A-Za-z0-9])"}
-    m = re.match(pattern[mode], t)
+    """The letter of a multiple-choice answer. only: C, (C), \\text{(C)}; lead: (C) 12; any: either, or
+    C. 12. A letter inside an expression (2C, C^2, \\mathrm{C}+1) is no choice."""
+    t = re.sub(r"^(?:[Cc]hoice|[Oo]ption|[Aa]nswer):?", "", re.sub(r"\\[A-Za-z]+|[{}$\s]", "", s))
+    if len(re.findall(r"\([A-E]\)", t)) > 1:
+        return None  # (A) and (B) is two choices
+    pattern = {"only": r"\(?([A-E])\)?\.?$()", "lead": r"\(([A-E])\)()",
+               "any": r"\(([A-E])\)|([A-E])(?:\.?$|[.:)](?=[\d\\+-]))"}[mode]
+    m = re.match(pattern, t)
     return (m[1] or m[2]) if m else None
 
 
@@ -258,6 +269,9 @@ def _number(s):
     sign, s = (-1 if s[:1] == "-" else 1), s[1:] if s[:1] in "+-" else s
     if re.fullmatch(r"\d+\.?\d*|\.\d+", s):
         return sign * Fraction(s)
+    m = re.fullmatch(r"(?:(\d+\.?\d*|\.\d+)\\(?:times|cdot))?10\^(?:(\d)|\{([+-]?\d{1,4})\})", s)  # 3.2\times10^{-4}
+    if m:
+        return sign * Fraction(m[1] or 1) * Fraction(10) ** int(m[2] or m[3])
     m = re.fullmatch(r"()(\d+)/()(\d+)()", s) or re.fullmatch(  # a/b, \frac{a}{b}, \frac12, 2\frac{1}{2}
         r"(\d*)\\frac(?:\{(\d+)\}|(\d))(?:\{(\d+)\}|(\d))", s)
     if not m or int(m[4] or m[5]) == 0:
@@ -311,10 +325,11 @@ def _equiv(pred, gold, deadline):
         return False
     if _choice(gold):
         return _choice(pred, "any") == _choice(gold)
-    if _choice(gold, "lead"):  # "(B) 14": the letter or the value
-        if _choice(pred, "any") == _choice(gold, "lead"):
-            return True
+    if _choice(gold, "lead"):  # "(B) 14": the letter or the value, but not another letter
+        if _choice(pred, "any"):
+            return _choice(pred, "any") == _choice(gold, "lead")
         g = re.sub(r"^\([A-E]\)", "", g)
+    p = re.sub(r"^\([A-E]\)(?=.)", "", p)  # (B) 2\sqrt{2} for a gold 2\sqrt{2}
     if _value_equal(p, g, deadline):
         return True
     return bool(re.search(r"\\cup|\\cap|\\setminus|\\backslash|≠|[)\]}]-\\\{", p + g)) and _set_equal(p, g, deadline)

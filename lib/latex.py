@@ -5,7 +5,8 @@ around a value go (`((((5))))`), so that deep nesting costs nothing downstream. 
 answer into source for sympy's parse_expr: `\\frac`, roots, `\\sin^2 x`, `\\sin 2x`, `\\log_b`, `|x|`,
 `\\sum`/`\\prod` with limits. Only known names survive, so evaluating the source is safe; symbolic.py
 evaluates it in a worker process under a deadline. Notations read whole: units (`\\text{ cm}`, `km/h`),
-inequalities as intervals, and sets of reals (`\\mathbb{R}\\setminus\\{0\\}`) as sympy set source.
+scientific notation (`3.2E+04`), inequalities as intervals whichever way round (`3 > x >= 1`), and sets
+of reals (`\\mathbb{R}\\setminus\\{0\\}`) as sympy set source.
 """
 import re, unicodedata
 
@@ -78,6 +79,16 @@ def over_to_frac(s):
     return s
 
 
+def scientific(s):
+    """Scientific notation in one spelling, m\\times10^{k}: 3.2e4, 3.2E+04, 3.2 x 10^4, 1,234.5 \\cdot 10^3
+    (the thousands separators go, as in a plain 1,000; "1, 000" is a list). 1 \\times 10^9 is 10^9."""
+    m = re.match(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?(?=$|\s*\\(?:times|cdot)|[eE][+-]?\d)", s)
+    s = m[0].replace(",", "") + s[m.end():] if m else s
+    s = re.sub(r"(?<![\w\\^_.])(\d+\.?\d*|\.\d+)[eE](-?)\+?0*(\d+)(?![\w.^])", r"\1\\times10^{\2\3}", s)
+    s = re.sub(r"(?<=\d)\s*[xX*]\s*(?=10\^)", r"\\times", s)
+    return re.sub(r"(?<![\w.])1(?:\.0*)?\s*\\(?:times|cdot)\s*(?=10\^)", "", s)
+
+
 def unnest(s):
     """Drop brackets that only repeat the pair around them: ((5)) -> (5), {{x}} -> {x}, {(x)} -> {x}."""
     if not re.search(r"[({][({]", s):
@@ -101,12 +112,12 @@ def unnest(s):
 
 _FUNCS = {"sin", "cos", "tan", "sec", "csc", "cot", "asin", "acos", "atan", "asec", "acsc", "acot", "arcsin",
           "arccos", "arctan", "sinh", "cosh", "tanh", "log", "exp", "sqrt", "root", "Abs", "floor", "ceiling",
-          "binomial", "factorial", "pi", "oo", "Sum", "Product"}
+          "binomial", "factorial", "pi", "oo", "Sum", "Product", "gcd", "lcm", "Max", "Min", "Mod"}
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "kappa", "lamda", "mu",
           "nu", "xi", "rho", "sigma", "tau", "phi", "chi", "psi", "omega"}
 _COMMANDS = {"infty": "oo", "cdot": "*", "times": "*", "ast": "*", "div": "/", "ln": "log", "lambda": "lamda",
              "varphi": "phi", "varepsilon": "epsilon", "vartheta": "theta", "lfloor": "floor(", "rfloor": ")",
-             "lceil": "ceiling(", "rceil": ")"}
+             "lceil": "ceiling(", "rceil": ")", "gcd": "gcd", "lcm": "lcm", "max": "Max", "min": "Min"}
 _SET_NAMES = {"Interval", "Union", "Intersection", "Complement", "FiniteSet", "Reals", "EmptySet", "True", "False"}
 _APPLIED = "arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|sec|csc|cot|ln|log|exp"
 _EXPANDED = re.compile(rf"\\(frac|sqrt|binom|sum|prod|{_APPLIED})(?![A-Za-z])")
@@ -210,7 +221,13 @@ def _big_operator(name, s, i):
 
 
 def to_python(s):
-    """LaTeX -> source for sympy's parse_expr, or None. Only known names survive, so eval() is safe."""
+    """LaTeX -> source for sympy's parse_expr, or None. Only known names survive, so eval() is safe.
+    \\gcd, \\operatorname{lcm}, \\max, \\min and a \\bmod b are read only with numbers for arguments."""
+    m = re.fullmatch(r"(.+?)\\(?:bmod|pmod|mod)(?![A-Za-z])(.+)", s)  # 17 \bmod 5, 17 \pmod{5}
+    if m:
+        a, b = to_python(m[1]), to_python(m[2])
+        return f"Mod(({a}),({b}))" if a and b and not names(a) | names(b) else None
+    s = re.sub(r"(\\(?:max|min))\\\{(.*?)\\\}", r"\1(\2)", s)  # \min\{3, 7\}
     s = re.sub(r"\\log_\{?(\w+)\}?", r"\\frac{1}{\\ln(\1)}\\ln", s)  # change of base
     s = re.sub(r"(?<![\\A-Za-z])([A-Za-z])_\{?([A-Za-z0-9]+)\}?", r"\1_\2", _expand(s))  # x_{1} -> x_1
     unknown = [c for c in re.findall(r"\\([A-Za-z]+)", s) if c not in _COMMANDS and c not in _GREEK | _FUNCS]
@@ -232,7 +249,7 @@ def to_python(s):
     s = re.sub(r"[A-Za-z]+(?:_[A-Za-z0-9]+)?", name, s)
     if not re.fullmatch(r"[A-Za-z0-9_+\-*/()., !]*", s) or re.search(r"\.(?!\d)|(?<![A-Za-z])_|\*\*\*|//", s):
         return None  # attribute access, dunder names, floor division: not mathematics
-    return s
+    return None if re.search(r"\b(?:gcd|lcm|Max|Min)\b", s) and names(s) else s
 
 
 def bound(src):
@@ -290,18 +307,30 @@ def units(s):
     return {u for u in map(_unit, texts) if u} | ({"$"} if "\\$" in s or "dollar" in s else set())
 
 
+def increasing(s):
+    """A chain of inequalities read with < and <= only: 3 > x >= 1 is 1 <= x < 3, 5 >= x is x <= 5."""
+    parts = re.split(r"(<=?|>=?)", s)
+    if len(parts) < 3 or any(op[0] != ">" for op in parts[1::2]):
+        return s
+    return "".join(p if k % 2 == 0 else "<" + p[1:] for k, p in enumerate(reversed(parts)))
+
+
 def interval(s):
-    """x < 2 -> (-\\infty,2), 1 <= x < 3 -> [1,3): an inequality is an interval."""
-    m = re.fullmatch(r"(.+?)(<=?)[a-z](<=?)(.+)", s)
+    """x < 2 -> (-\\infty,2), 2 <= x -> [2,\\infty), 3 > x >= 1 -> [1,3): an inequality is an interval."""
+    s = re.sub(r"^\\\{[a-z](?:\\in[^|:]*)?[|:](.*[<>].*)\\\}$", r"\1", s)  # {x | x > 3}
+    t = increasing(s)
+    m = re.fullmatch(r"(.+?)(<=?)[a-z](<=?)(.+)", t)
     if m:
         return "[("[m[2] == "<"] + m[1] + "," + m[4] + "])"[m[3] == "<"]
-    m = re.fullmatch(r"[a-z](<=?|>=?)([^<>=]+)", s)
-    ends = {"<": "(-\\infty,{})", "<=": "(-\\infty,{}]", ">": "({},\\infty)", ">=": "[{},\\infty)"}
+    m = re.fullmatch(r"[a-z](<=?)([^<>=]+)", t)
     if m:
-        return ends[m[1]].format(m[2])
+        return ("(-\\infty,{})", "(-\\infty,{}]")[m[1] == "<="].format(m[2])
+    m = re.fullmatch(r"([^<>=]+)(<=?)[a-z]", t)
+    if m:
+        return ("({},\\infty)", "[{},\\infty)")[m[2] == "<="].format(m[1])
     m = re.fullmatch(r"\|[a-z]([+-][^|<>=]+)?\|(<=?|>=?)([^<>=]+)", s)  # |x - c| < r: from c - r to c + r
     if not m:
-        return s
+        return t  # x + y <= 5 and 5 >= x + y compare as one string
     lo, hi = f"-({m[1] or 0})-({m[3]})", f"-({m[1] or 0})+({m[3]})"
     return {"<": f"({lo},{hi})", "<=": f"[{lo},{hi}]", ">": f"(-\\infty,{lo})\\cup({hi},\\infty)",
             ">=": f"(-\\infty,{lo}]\\cup[{hi},\\infty)"}[m[2]]

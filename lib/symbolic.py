@@ -10,7 +10,7 @@ takes over, so a call returns in time from any thread, whatever the input does; 
 huge factorials are refused before evaluation (_digits), while values cheap to hold exactly (2^65536,
 1^{10^10}, a sum with a closed form) are computed. Answers are cached.
 """
-import atexit, hashlib, importlib, importlib.util, json, math, os, select, subprocess, sys, threading, time
+import atexit, hashlib, importlib, importlib.util, json, math, os, re, select, subprocess, sys, threading, time
 
 from lib.latex import bound, names
 
@@ -45,6 +45,8 @@ def _digits(e):
             return 0.0  # 0, 1 and -1 to any power stay small: 1^{10^{10}} is cheap
         n = abs(x.p) if x.is_Rational else 10 ** dx if dx < 7 else math.inf  # bound on |exponent|
         return math.inf if n == math.inf else base * n
+    if name == "binomial" and len(d) == 2:  # C(n, k) < n^k: C(10^9, 5) is cheap, C(10^12, 10^6) is not
+        return math.inf if min(d) > 6 else 10 ** d[1] * d[0]
     if name in ("factorial", "binomial", "gamma"):
         return math.inf if max(d) > 4 else 10 ** max(d) * max(d)
     return sum(d) if e.is_Mul else max(d) + math.log10(len(d)) + 0.5
@@ -68,21 +70,44 @@ def _values(exprs, syms, sp):
             yield vs
 
 
-def _parse(src, sp):
-    """parse_expr of to_python's source, refusing what would be too large to evaluate."""
+def _parse(src, sp, closed=True):
+    """parse_expr of to_python's source, refusing what would be too large to evaluate; closed: with
+    sums and products in closed form where sympy finds one."""
     from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, implicit_multiplication,
                                             rationalize)
     local = {"arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan, "e": sp.E, "i": sp.I,
              "root": lambda x, n: sp.real_root(x, n) if x.is_number else sp.root(x, n),  # \\sqrt[3]{-8} is -2
              "Sum": lambda v, lo, hi, body: sp.Sum(body, (v, lo, hi)),
-             "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi))}
+             "Product": lambda v, lo, hi, body: sp.Product(body, (v, lo, hi)),
+             "gcd": lambda *args: _fold(sp.gcd, args), "lcm": lambda *args: _fold(sp.lcm, args),
+             **{f.__name__: _bounded(f) for f in (sp.Max, sp.Min, sp.Mod, sp.floor, sp.ceiling, sp.Abs)}}
     kw = dict(local_dict=local | {n: sp.Symbol(n) for n in names(src) | bound(src)},
               transformations=standard_transformations + (implicit_multiplication, rationalize))
     e = parse_expr(src, evaluate=False, **kw)
     if _digits(e) > MAX_DIGITS:
         raise _TooLarge(e)
     e = parse_expr(src, **kw)
-    return e.doit() if e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
+    return e.doit() if closed and e.has(sp.Sum, sp.Product) else e  # closed forms: \sum_{k=1}^{10^{12}} k
+
+
+def _bounded(f):
+    """f, refusing arguments too large to evaluate before it sees them: building Max(9^{9^{9^9}}, 1)
+    or Mod(2^{10^{12}}, 7) compares or reduces its arguments, even unevaluated."""
+    def call(*args, **kw):
+        if max(map(_digits, args)) > MAX_DIGITS:
+            raise _TooLarge(args[0])
+        return f(*args, **kw)
+    return call
+
+
+def _fold(f, args):
+    """gcd or lcm of any number of arguments, refusing arguments too large to evaluate first."""
+    if max(map(_digits, args)) > MAX_DIGITS:
+        raise _TooLarge(args[0])
+    out = args[0].doit()
+    for x in args[1:]:
+        out = f(out, x.doit())
+    return out
 
 
 class _TooLarge(ValueError):
@@ -103,10 +128,43 @@ def _huge_equal(a, b, sp):
     return k == m and _huge_equal(a.exp, b.exp, sp)
 
 
+def _sequence_equal(a_src, b_src, sp):
+    """Sums and products whose limits hold every variable (\\sum_{k=0}^{n} \\binom{n}{k} against 2^n) compared
+    as sequences, at n = 2, 3, 4, 5, 7, 10: each value is a short finite sum, where Sum.doit() may look
+    for a closed form for seconds. None where this reading does not apply."""
+    a, b = _parse(a_src, sp, closed=False), _parse(b_src, sp, closed=False)
+    big = [x for e in (a, b) for x in e.atoms(sp.Sum, sp.Product)]
+    free = sorted(a.free_symbols | b.free_symbols, key=str)
+    in_limits = set().union(*(lim.free_symbols for x in big for _, *ends in x.limits for lim in ends))
+    if not big or not free or not set(free) <= in_limits:
+        return None
+    for t in (2, 3, 4, 5, 7, 10):
+        point = {s: sp.Integer(t + 3 * j) for j, s in enumerate(free)}
+        ends = [lim.xreplace(point) for x in big for _, *lims in x.limits for lim in lims]
+        if not all(e.is_Integer and abs(e) <= 1000 for e in ends):
+            return None  # \sum_{k=1}^{n^n}: too many terms to add up
+        va, vb = (x.xreplace(point) for x in (a, b))
+        if max(_digits(va), _digits(vb)) > MAX_DIGITS:
+            return None
+        va, vb = va.doit(), vb.doit()
+        if not (va.is_number and vb.is_number):
+            return None
+        if va != vb and not _close(complex(va.evalf(40)), complex(vb.evalf(40))):
+            return False
+    return True
+
+
 def _sympy_check(mode, a_src, b_src, places):
     """Is expr(a) == expr(b) (mode "equal"), is a = 0 the equation b = 0 ("ratio"), or are the sets of
     reals a and b equal ("set")? Runs in the worker, where a hang costs a restart rather than a run."""
     import sympy as sp
+    if mode == "equal" and re.search(r"\b(?:Sum|Product)\b", a_src + b_src):
+        try:
+            verdict = _sequence_equal(a_src, b_src, sp)
+        except _TooLarge:
+            verdict = None
+        if verdict is not None:
+            return verdict
     try:
         a, b = _parse(a_src, sp), _parse(b_src, sp)
     except _TooLarge:
@@ -136,7 +194,8 @@ def _sympy_check(mode, a_src, b_src, places):
         return not diff.is_Rational and _close(va, vb) or places > 0 and abs(va - vb) <= 0.5 * 10.0 ** -places \
             and not (a.is_Rational and terminates(a.q))
     agree = 0
-    for va, vb in _values([a, b], sorted(diff.free_symbols, key=str), sp):
+    syms = sorted(a.free_symbols | b.free_symbols, key=str)  # x^2/2 + C - (x^2/3 + C) has lost C, a and b have not
+    for va, vb in _values([a, b], syms, sp):
         if not _close(va, vb):
             return False
         agree += 1
@@ -153,7 +212,9 @@ def _math_verify(completion, gold):
 def _worker_main(preload):
     """The worker's loop: one JSON request per line in ([mode, a, b, places], ["mv", completion, gold]
     or ["load", module]), "1" or "0" per line out."""
-    import sympy  # noqa: F401  the slow import, once per worker
+    import sympy  # the slow import, once per worker
+    k, n = sympy.symbols("k n")
+    sympy.Sum(k, (k, 1, n)).doit()  # imports summation and simplify's modules (~1 s) before any budget runs
     for module in preload:
         importlib.import_module(module)
     print("ready", flush=True)

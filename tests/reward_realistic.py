@@ -309,6 +309,50 @@ THIRD = [  # a third batch, also labelled before the checker saw it, weighted to
     ("units", "60 \\text{ mph}", "60\\text{ miles per hour}", 1), ("units", "\\$50", "50", 1), ("units", "50 \\text{ cents}", "50", 1),
 ]
 
+FOURTH = [  # a fourth batch for issue #30, labelled before the checker saw it: forms from sources not yet met
+    ("numbers", "\\textstyle \\frac{1}{2}", "0.5", 1), ("numbers", "\\pi/2", "\\frac{\\pi}{2}", 1),
+    ("numbers", "2\\pi/3", "\\frac{2\\pi}{3}", 1), ("numbers", "\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}", 1),
+    ("numbers", "1\\,000\\,000", "1000000", 1), ("numbers", "1 000 000", "1000000", 1), ("numbers", "1 000", "1 001", 0),
+    ("numbers", "\\$1,250.00", "1250", 1), ("numbers", "2.50", "2.5", 1), ("numbers", "2.5", "2.05", 0),
+    ("numbers", "0.50", "\\frac12", 1), ("numbers", "5.0", "5", 1), ("numbers", "-\\frac{1}{2}", "\\frac{-1}{2}", 1),
+    ("numbers", "\\frac{9}{2}\\pi", "4.5\\pi", 1), ("numbers", "4.5\\pi", "\\frac{9\\pi}{2}", 1),
+    ("numbers", "0.\\bar{3}", "\\frac13", 1), ("numbers", "0.\\overline{36}", "\\frac{4}{11}", 1),
+    ("numbers", "0.\\overline{36}", "\\frac{4}{10}", 0), ("numbers", "\\frac{1}{\\sqrt{2}}", "\\sqrt{2}", 0),
+    ("numbers", "3 \\cdot 2^{5}", "96", 1), ("numbers", "2 \\times 3", "6", 1), ("numbers", "\\sqrt[3]{8}", "2", 1),
+    ("numbers", "\\sqrt[3]{9}", "3", 0), ("numbers", "\\sqrt[4]{16}", "2", 1), ("numbers", "e^{\\ln 3}", "3", 1),
+    ("numbers", "\\log_{10} 1000", "3", 1), ("numbers", "\\ln 3", "3", 0), ("numbers", "2-\\sqrt{3}", "\\frac{1}{2+\\sqrt{3}}", 1),
+    ("numbers", "4\\sqrt{2}-4", "4(\\sqrt2-1)", 1), ("numbers", "-\\frac{\\sqrt{3}}{2}", "-\\frac{1}{2}\\sqrt{3}", 1),
+    ("numbers", "\\frac{\\binom{4}{2}}{\\binom{8}{2}}", "\\frac{3}{14}", 1), ("numbers", "\\frac{3}{14}", "\\frac{3}{28}", 0),
+    ("numbers", "\\frac{5!}{2!3!}", "10", 1), ("numbers", "i\\sqrt{2}", "\\sqrt{-2}", 1),
+    ("percent", "50 \\text{ percent}", "50\\%", 1), ("percent", "6\\%", "0.06", 1), ("percent", "6\\%", "0.6", 0),
+    ("percent", "12.5 \\%", "\\frac18", 1), ("percent", "50 \\%", "50", 1),
+    ("angles", "45^{\\circ}", "45", 1), ("angles", "\\angle ABC = 45^\\circ", "45", 1), ("angles", "m\\angle A = 30^\\circ", "30", 1),
+    ("angles", "\\tan^{-1}(1)", "\\frac{\\pi}{4}", 1), ("angles", "\\tan^{-1}(1)", "\\frac{\\pi}{3}", 0),
+    ("angles", "\\cos \\frac{\\pi}{3}", "\\frac12", 1), ("angles", "30^\\circ", "31^\\circ", 0),
+    ("units", "36\\pi\\text{ cm}^3", "36\\pi", 1), ("units", "\\sqrt{2}\\,\\text{cm}", "\\sqrt{2}", 1),
+    ("units", "\\frac{3}{2}\\text{ square units}", "\\frac32", 1), ("units", "20\\text{ dollars}", "\\$20", 1),
+    ("units", "100\\pi \\text{ cm}^2", "100\\pi", 1), ("units", "5 \\text{ hours}", "5", 1), ("units", "6 \\text{ hours}", "5", 0),
+    ("tuples", "\\left(3, 4\\right)", "(3,4)", 1), ("tuples", "(3,\\ 4)", "(3, 4)", 1), ("tuples", "(3; 4)", "(3,4)", 1),
+    ("tuples", "(4, 3)", "(3,4)", 0), ("tuples", "\\{(1,2), (2,1)\\}", "(1,2),(2,1)", 1), ("tuples", "(1,2]", "(1,2)", 0),
+    ("tuples", "x \\in (2, 5]", "(2,5]", 1), ("tuples", "\\left\\{ 1, 2, 3 \\right\\}", "\\{1,2,3\\}", 1),
+    ("tuples", "(-1, 1)", "-1<x<1", 1), ("tuples", "[-1, 1)", "-1<x<1", 0),
+    ("lists", "\\{-1, 1\\}", "\\pm 1", 1), ("lists", "x = \\pm 1", "-1, 1", 1), ("lists", "x_1 = 1, x_2 = 2", "1, 2", 1),
+    ("lists", "1 \\text{ and } 2", "\\{1,2\\}", 1), ("lists", "5 \\text{ and } 7", "5, 7", 1),
+    ("lists", "x = 2 \\text{ or } x = -3", "-3, 2", 1), ("lists", "x = 2 \\text{ or } x = 3", "2", 0), ("lists", "1, 2, 3", "1, 2", 0),
+    ("lists", "\\frac{-1 \\pm \\sqrt{5}}{2}", "\\frac{-1+\\sqrt5}{2}, \\frac{-1-\\sqrt5}{2}", 1),
+    ("expr", "\\frac{1}{2}x", "\\frac{x}{2}", 1), ("expr", "n(n+1)/2", "\\frac{n(n+1)}{2}", 1),
+    ("expr", "\\frac{n^2+n}{2}", "\\binom{n+1}{2}", 1), ("expr", "\\binom{n}{2}", "\\frac{n(n+1)}{2}", 0),
+    ("expr", "(n+1)!", "(n+1) \\cdot n!", 1), ("expr", "(n+1)!", "n!+1", 0), ("expr", "2^{n}-1", "2^n - 1", 1),
+    ("expr", "2^n+1", "2^n-1", 0), ("expr", "\\sqrt{x^2+1}", "(x^2+1)^{1/2}", 1), ("expr", "\\sin(x)", "\\sin x", 1),
+    ("expr", "\\frac{1}{2}\\ln 2", "\\ln\\sqrt{2}", 1), ("expr", "(x-2)(x+3)", "x^2+x-6", 1),
+    ("labels", "f^{-1}(x) = \\frac{x-3}{2}", "\\frac{x-3}{2}", 1), ("labels", "y=-2x+5", "y = 5 - 2x", 1),
+    ("labels", "AB = 5", "5", 1), ("labels", "k = 3", "3", 1), ("labels", "x=\\frac{1}{2}", "\\frac12", 1),
+    ("labels", "1/6 \\approx 0.1667", "\\frac16", 1), ("labels", "y = 2x + 3", "y = 3x + 2", 0),
+    ("words", "\\text{Yes}", "\\text{yes}", 1), ("words", "\\textbf{No}", "No", 1), ("words", "\\text{no solution}", "\\text{No solution}", 1),
+    ("words", "\\text{even}", "\\text{odd}", 0), ("words", "\\text{A}", "A", 1), ("words", "A", "\\text{(A)}", 1),
+    ("words", "\\mathbf{(B)}", "B", 1), ("words", "B", "\\text{(A) } 5", 0), ("words", "5", "\\text{(A) } 5", 1),
+]
+
 _SHAPES = [
     "<think>\nLet me set this up. {work}\n</think>\nTherefore, the final answer is $\\boxed{{{ans}}}$.",
     "We begin by simplifying. {work} A first guess was $\\boxed{{17}}$, but checking it fails. "
@@ -328,4 +372,4 @@ def completion(k, ans):
     return _SHAPES[k % len(_SHAPES)].format(work=_WORK[k // len(_SHAPES) % len(_WORK)] * (1 + k % 3), ans=ans)
 
 
-DEV = [(cat, completion(k, ans), gold, float(label)) for k, (cat, ans, gold, label) in enumerate(PAIRS + SECOND + THIRD)]
+DEV = [(cat, completion(k, ans), gold, float(label)) for k, (cat, ans, gold, label) in enumerate(PAIRS + SECOND + THIRD + FOURTH)]
