@@ -31,7 +31,7 @@ def saved_config(model):
     """The training config recorded with one of our checkpoints (an out_dir or a step_N directory), or None."""
     from lib import checkpoint
     path = checkpoint.latest(model) if os.path.isfile(os.path.join(model, "latest")) else model
-    state = os.path.join(path or "", "state.pt")
+    state = os.path.join(path, "state.pt") if path else ""
     if not os.path.isfile(state):
         return None
     import torch
@@ -64,10 +64,10 @@ def choose(model, asked="auto"):
     return "paper", f"{model} is not the built-in model"
 
 
-def paper(model, given):
+def paper(model, given, defaults):
     """The paper's values for this model; LUFFY's 16k positions for a Qwen2.5-Math model that has too few."""
-    out = dict(PAPER)
-    need = given.get("max_prompt_tokens", 1024) + given.get("max_new_tokens", PAPER["max_new_tokens"])
+    out, run = dict(PAPER), {**defaults, **PAPER, **given}
+    need = run["max_prompt_tokens"] + run["max_new_tokens"]
     if PAPER_MODELS.search(model) and (positions_of(model) or QWEN_MATH_POSITIONS) < need:
         out.update(LUFFY_16K)
     return out
@@ -89,7 +89,8 @@ def parse(config_cls, argv, error, choices=None):
     given = vars(p.parse_args(argv))
     model = given.get("model", config_cls.model)
     recipe, why = choose(model, given.get("recipe", "auto"))
-    values = {**dataclasses.asdict(config_cls()), **(paper(model, given) if recipe == "paper" else {})}
+    defaults = dataclasses.asdict(config_cls())
+    values = {**defaults, **(paper(model, given, defaults) if recipe == "paper" else {})}
     flag = lambda k, v: f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}"
     differ = [flag(k, v) for k, v in given.items() if k not in ("recipe", "model") and values[k] != v]
     note = f"recipe: {recipe} ({why}); " + (f"flags that differ from it: {' '.join(differ)}" if differ else
