@@ -95,8 +95,9 @@ class Config:
     print_config: bool = False  # print the resolved config as one JSON object and exit (no weights, data or GPU)
 
 
-CHOICES = {"method": sorted(hapo.METHODS), "recipe": ("auto", "laptop", "paper"), "gamma_schedule": SCHEDULES, "lr_schedule": ("constant", "linear", "cosine"),
-           "loss_norm": ("token_mean", "constant"), "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
+CHOICES = {"method": sorted(hapo.METHODS), "recipe": ("auto", "laptop", "paper"), "gamma_schedule": SCHEDULES,
+           "lr_schedule": ("constant", "linear", "cosine"), "loss_norm": ("token_mean", "constant"),
+           "rollout": ("auto", "hf", "vllm"), "checker": CHECKERS,
            "attn": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "save_dtype": ("auto", "bf16", "fp32"),
            "is_level": ("token", "sequence"), "is_mode": ("truncate", "mask")}
 

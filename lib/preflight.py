@@ -117,8 +117,9 @@ def run(cfg, world, argv, engine, master=True):
                 plan.main(cfg, path)
             return None
         except (OSError, ValueError) as e:  # no config.json here nor in the hub cache
-            raise DataError(f"--plan: could not read the config.json of '{cfg.model}' ({str(e).splitlines()[0][:200]}); "
-                            "give a local directory or download it first (hf download MODEL config.json)") from None
+            why = str(e).splitlines()[0][:200]
+            raise DataError(f"--plan: could not read the config.json of '{cfg.model}' ({why}); give a local "
+                            "directory or download it first (hf download MODEL config.json)") from None
     try:
         config = load_config(path, cfg.rope_theta, cfg.max_positions)
     except DataError as e:  # no config.json to be had (no network?): loading the model will say why, in its words

@@ -221,10 +221,10 @@ def test_cpu_refusal_is_one_line_within_15_s():
 def test_nproc_2_equals_torchrun_with_2_ranks(tmp_path):
     flags = [*TRAIN_SMALL, "--max_steps", "3"]
     a, b = str(tmp_path / "nproc"), str(tmp_path / "torchrun")
-    mine = run([sys.executable, os.path.join(ROOT, "train.py"), "--nproc", "2", *flags, "--out_dir", a],
-               env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""})
+    cpu = {**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""}
+    mine = run([sys.executable, os.path.join(ROOT, "train.py"), "--nproc", "2", *flags, "--out_dir", a], env=cpu)
     assert mine.stdout.startswith("train.py: starting 2 ranks on this node"), mine.stdout[:300]
-    run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, "--out_dir", b], env={**ONE_THREAD, "CUDA_VISIBLE_DEVICES": ""})
+    run([*TORCHRUN, os.path.join(ROOT, "train.py"), *flags, "--out_dir", b], env=cpu)
     assert metrics(a) == metrics(b) and len(metrics(a)) == 4
 
 
