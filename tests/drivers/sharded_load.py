@@ -27,6 +27,7 @@ def peak_mib():
 
 path, out = sys.argv[1], sys.argv[2]
 dist = parallel.init(timeout_min=7)
+import transformers.models.qwen2.modeling_qwen2  # noqa: E402,F401  the model's code, outside the measured window
 before = peak_mib()
 model, tok = models.load_policy(path, dist)  # train.py's loading, then its wrap
 built_on_meta = next(model.parameters()).is_meta
