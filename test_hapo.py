@@ -49,6 +49,7 @@ from tests.test_scale import *  # noqa: E402,F401,F403  tier 3: the 7B and 1.5B 
 from tests.test_families import *  # noqa: E402,F401,F403  Qwen3, Llama, Gemma 3 in every tier; rollout-correction modes
 from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-RL, tiers 1-3
 from tests.test_layout import *  # noqa: E402,F401,F403  tier 1: the house (root and lib/), no arrow up, no cycle
+from tests.test_plot import *  # noqa: E402,F401,F403  tier 1: scripts/plot.py, a picture of any run
 
 
 # ----------------------------------------------------------------------------
