@@ -21,6 +21,7 @@ PANELS = [("train/reward", "reward (teacher samples excluded)"), ("eval/accuracy
           ("train/teacher_injected", "teacher samples injected per step"),
           ("train/gate_open_frac", "gate open (share of groups)"), ("train/response_len", "response length (tokens)"),
           ("train/truncated_frac", "truncated (share of samples)")]
+SHARES = {"train/reward", "eval/accuracy", "train/gate_open_frac", "train/truncated_frac"}  # drawn on [0, 1]
 
 
 def read_metrics(path):
@@ -81,6 +82,8 @@ def figure(runs, path, panels=PANELS, smooth=10, hlines=None, cols=3, prog="plot
     for ax, (key, title) in zip(axes, panels):
         if not panel(ax, runs, key, smooth):
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        if key in SHARES:
+            ax.set_ylim(-0.03, 1.03)  # a share near 0 or 1 reads as such, not as a zoomed-in wiggle
         if key in (hlines or {}):
             y, label = hlines[key]
             ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
