@@ -50,3 +50,29 @@ def test_plot_a_missing_or_empty_out_dir_is_one_line(tmp_path, capsys, case):
         plot.main([out])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("plot.py: error: ") and out in err[0]
+
+
+def test_experiment_gives_the_second_stage_its_own_flags_and_records_wall_time(tmp_path, monkeypatch):
+    """--sft_share splits a pipeline's steps, --then_args reach its second stage only and last (train.py's
+    argparse keeps the last value), and each stage's wall time lands in its out_dir."""
+    import argparse
+    experiment = script("experiment")
+    assert experiment.stages("r", "sft-then-grpo", 100, 0.5) == [("sft", 50, os.path.join("r", "1_sft"), None),
+                                                                  ("grpo", 50, os.path.join("r", "2_grpo"),
+                                                                   os.path.join("r", "1_sft"))]
+    cmds = []
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(experiment.subprocess, "Popen", lambda cmd, **kw: cmds.append(cmd) or Done())
+    args = argparse.Namespace(out=str(tmp_path), methods=["sft-then-grpo"], seeds=1, steps=8, sft_share=0.25,
+                              jobs=1, eval_every=4, train_args=["--lr", "5e-4"], then_args="--lr 5e-5")
+    experiment.run_all(args)
+    assert [c[c.index("--max_steps") + 1] for c in cmds] == ["2", "6"]
+    assert cmds[0][-2:] == ["--lr", "5e-4"] and cmds[1][-4:] == ["--model", os.path.join(args.out, "sft-then-grpo_s0", "1_sft"),
+                                                                  "--lr", "5e-5"]
+    experiment.add_wall(os.path.join(args.out, "sft-then-grpo_s0", "2_grpo"), 60.0)  # a resumed session adds up
+    assert 60.0 <= experiment.wall(os.path.join(args.out, "sft-then-grpo_s0"), "sft-then-grpo") < 70.0
