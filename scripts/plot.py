@@ -4,9 +4,10 @@
     python scripts/plot.py out/hapo out/grpo --smooth 1 # several runs in one figure, each labelled by its out_dir
 
 Reads each out_dir's metrics.jsonl, also while the run is still going (a torn last line is skipped)
-and after a resume (should a step be logged twice, the later row wins). Per-step panels are a moving average over --smooth steps; held-out accuracy is drawn as
-logged. Needs matplotlib (`pip install matplotlib`). scripts/experiment.py draws Figure 2 with the
-same code (figure()), one line per method, the mean over seeds, shaded between the lowest and highest.
+and after a resume (should a step be logged twice, the later row wins). Per-step panels are a moving
+average over --smooth steps; held-out accuracy is drawn as logged. A missing or empty out_dir is one
+line and exit 2. Needs matplotlib (`pip install matplotlib`). scripts/experiment.py draws Figure 2
+with the same code (figure()): one line per method, the mean over seeds, shaded from lowest to highest.
 """
 
 import argparse
