@@ -50,6 +50,7 @@ from tests.test_families import *  # noqa: E402,F401,F403  Qwen3, Llama, Gemma 3
 from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-RL, tiers 1-3
 from tests.test_layout import *  # noqa: E402,F401,F403  tier 1: the house (root and lib/), no arrow up, no cycle
 from tests.test_recipe import *  # noqa: E402,F401,F403  the card's command: recipes, the pre-flight, one rank per GPU
+from tests.test_plot import *  # noqa: E402,F401,F403  tier 1: scripts/plot.py, a picture of any run
 
 
 # ----------------------------------------------------------------------------

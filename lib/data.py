@@ -2,7 +2,7 @@
 
 `load_problems(spec)` reads one of:
   - `builtin`, or `builtin:OPTS`, OPTS comma-separated: a teacher style of task.TEACHERS, `easy=F`,
-    `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N` (task.py's task; split "train" or "eval");
+    `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`, `val` (task.py's task; split "train" or "eval");
   - a `.jsonl` or `.parquet` file;
   - a hub data set id `owner/name` (needs the `datasets` package).
 
@@ -213,7 +213,7 @@ def _hub_rows(name: str, split: str):
 
 
 def builtin_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3,
-                 teacher: str = "standard", easy: float = 0.0, easy_digits: int = 0
+                 teacher: str = "standard", easy: float = 0.0, easy_digits: int = 0, val: bool = False
                  ) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) Problems of the built-in addition task (task.py); deterministic given the seed."""
     def problem(a, b):
@@ -221,7 +221,7 @@ def builtin_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: 
                        solution=task.solve(a, b, teacher), source=task.BUILTIN)
     if teacher not in task.TEACHERS:
         raise ValueError(f"teacher must be one of {task.TEACHERS}, got {teacher!r}")
-    train, evaluation = task.make_pairs(n_train, n_eval, seed, digits, easy, easy_digits)
+    train, evaluation = task.make_pairs(n_train, n_eval, seed, digits, easy, easy_digits, val)
     return [problem(a, b) for a, b in train], [problem(a, b) for a, b in evaluation]
 
 

@@ -115,7 +115,7 @@ def _drawer(rng: random.Random, digits: int, carry_out, excluded: set):
 
 
 def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: int = 3, easy: float = 0.0,
-               easy_digits: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+               easy_digits: int = 0, val: bool = False) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(train, eval) pairs of `digits`-digit numbers: hard ones, whose total has one digit more, and a
     share `easy` of easy ones, whose total does not.
 
@@ -132,6 +132,10 @@ def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: in
     more), and eval depends only on (seed, n_eval, digits, easy). Neither split holds a sum the base
     model was pretrained on, and train excludes every held-out pair of either kind and its swap (b+a
     is the same problem to a learner that has seen a+b). The mix's order is shuffled, seeded.
+
+    `val` returns a validation split in place of eval: as many pairs of each kind, drawn after train
+    (which stays pair for pair the same), so disjoint from both, swaps included. Settings chosen on
+    it have never seen the reported held-out set.
     """
     if not 0.0 <= easy <= 1.0:
         raise ValueError(f"easy must be a share in [0, 1], got {easy}")
@@ -148,8 +152,12 @@ def make_pairs(n_train: int = 4000, n_eval: int = 200, seed: int = 0, digits: in
         else:  # easy_digits-digit sums of any total (for 2: every one was pretrained on)
             draw = _drawer(stream, easy_digits, None, set())
         held = draw(n_eval)  # all n_eval, so a mix holds out a prefix of the pure task's eval pairs
-        evaluation += held[:n_ev]
-        train += draw(n_tr, {p for a, b in held for p in ((a, b), (b, a))})
+        fresh = draw(n_tr, {p for a, b in held for p in ((a, b), (b, a))})
+        train += fresh
+        if val:
+            evaluation += draw(n_ev, {p for a, b in held + fresh for p in ((a, b), (b, a))})
+        else:
+            evaluation += held[:n_ev]
     if 0.0 < easy < 1.0:  # interleave the kinds, so any prefix of either split is a mix
         random.Random(seed).shuffle(train)
         random.Random(seed + 1).shuffle(evaluation)
@@ -160,13 +168,16 @@ def parse_spec(spec: str) -> dict:
     """`builtin:OPTS` -> keyword arguments of data.builtin_task; raises ValueError.
 
     OPTS, comma-separated: a teacher's name from TEACHERS (also `teacher=NAME`), `easy=F` (the share
-    of easy prompts, 0 to 1), `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`.
+    of easy prompts, 0 to 1), `easy_digits=N`, `digits=N`, `n_train=N`, `n_eval=N`, `seed=N`, and
+    `val` (the eval split is the validation pairs, make_pairs).
     """
     kwargs = {}
     for opt in filter(None, spec.partition(":")[2].split(",")):
         key, _, value = opt.partition("=")
         if key in TEACHERS and not value:
             kwargs["teacher"] = key
+        elif key == "val" and not value:
+            kwargs["val"] = True
         elif key == "teacher" and value in TEACHERS:
             kwargs["teacher"] = value
         elif key in ("digits", "n_train", "n_eval", "seed", "easy_digits") and value.isdigit():
@@ -175,7 +186,7 @@ def parse_spec(spec: str) -> dict:
             kwargs[key] = float(value)
         else:
             raise ValueError(f"unknown option '{opt}': use {', '.join(TEACHERS[1:])}, teacher=NAME, "
-                             "easy=F (0 to 1), easy_digits=N, digits=N, n_train=N, n_eval=N, seed=N")
+                             "easy=F (0 to 1), easy_digits=N, digits=N, n_train=N, n_eval=N, seed=N, val")
     return kwargs
 
 

@@ -8,10 +8,15 @@ Each run is `python train.py --method M --seed S ...` in its own process (one th
 <out>/<method>_s<seed>/metrics.jsonl; a finished run is not rerun, so an interrupted experiment
 continues where it stopped. sft-then-grpo is a pipeline of two such runs in sub-directories of its
 own (1_sft, then 2_grpo with `--model` the first's out_dir and a fresh optimizer); its SFT stage's
-steps count in its budget: a quarter SFT, the rest GRPO (50 + 150 of 200 steps; 75 + 225 of 300). Arguments this script does not know go to train.py. `--part_eval
-NAME=SPEC` also scores each run's last checkpoint on SPEC's eval split with eval.py (kept in
-<run>/eval_NAME, so it is not redone either). The table goes to <out>/table.md and stdout, the
-figure to <out>/figure2.png (needs matplotlib: `pip install matplotlib`; the table does not).
+steps count in its budget: a quarter SFT, the rest GRPO (50 + 150 of 200 steps; 75 + 225 of 300),
+or `--sft_share`; `--then_args '--lr 1e-4'` gives the second stage flags of its own (the first
+stage's lr was chosen for RL from the base model). Arguments this script does not know go to
+train.py; `--eval_data builtin:val` scores on a validation split, to choose such settings without
+the reported held-out set (docs/RESULTS.md). `--part_eval NAME=SPEC` also scores each run's last
+checkpoint on SPEC's eval split with eval.py (kept in <run>/eval_NAME, so it is not redone either).
+Each run's wall time goes to <run>/wall_s, and into the table. The table goes to <out>/table.md
+and stdout, the figure (scripts/plot.py's panels) to <out>/figure2.png (needs matplotlib: `pip
+install matplotlib`; the table does not).
 """
 
 import argparse
@@ -23,8 +28,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 from hapo import METHODS  # noqa: E402  (after the path: the project's modules live one level up)
+import plot  # noqa: E402  scripts/plot.py: reading metrics.jsonl and drawing the panels
+from plot import curves  # noqa: E402
 
 # SFT-then-RL, the paper's two-stage baseline: train.py --method sft, then RL from its out_dir
 PIPELINES = {"sft-then-grpo": ("sft", "grpo")}
@@ -45,12 +52,12 @@ def run_dir(out, method, seed):
     return os.path.join(out, f"{method}_s{seed}")
 
 
-def stages(path, method, steps):
+def stages(path, method, steps, share=SFT_SHARE):
     """The train.py runs of one row: [(--method, --max_steps, --out_dir, --model or None)], in order."""
     if method not in PIPELINES:
         return [(method, steps, path, None)]
     first, then = PIPELINES[method]
-    n = min(max(1, round(steps * SFT_SHARE)), steps - 1)
+    n = min(max(1, round(steps * share)), steps - 1)
     one, two = os.path.join(path, f"1_{first}"), os.path.join(path, f"2_{then}")
     return [(first, n, one, None), (then, steps - n, two, one)]
 
@@ -64,10 +71,7 @@ def read_metrics(path, method=None):
             at = rows[-1]["step"] if rows else 0
             rows += [{**r, "step": r["step"] + at} for r in read_metrics(part) if not (rows and r["step"] == 0)]
         return rows
-    try:
-        return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-    except (OSError, json.JSONDecodeError):
-        return []
+    return plot.read_metrics(path)
 
 
 def finished(path, steps, method=None):
@@ -78,9 +82,10 @@ def finished(path, steps, method=None):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # each child process on one core
 
 
-def pool(todo, jobs, start, error, tick=None, wait=2.0):
+def pool(todo, jobs, start, error, tick=None, wait=2.0, done=None):
     """Run the items of `todo`, `jobs` at a time: start(item) returns its Popen, tick(running) is
-    called after each wait (progress), and a child that fails ends the experiment with error(item, proc)."""
+    called after each wait (progress), done(item) after each child that succeeds, and a child that
+    fails ends the experiment with error(item, proc)."""
     running = []
     while todo or running:
         while todo and len(running) < jobs:
@@ -93,6 +98,27 @@ def pool(todo, jobs, start, error, tick=None, wait=2.0):
             running.remove((item, proc))
             if proc.returncode != 0:
                 sys.exit(error(item, proc))
+            if done:
+                done(item)
+
+
+def add_wall(path, seconds):
+    """Add a stage's wall time to <path>/wall_s (a resumed run's sessions add up)."""
+    total = wall(path) + seconds  # read before the file is opened for writing
+    with open(os.path.join(path, "wall_s"), "w") as f:
+        f.write(f"{total:.1f}\n")
+
+
+def wall(path, method=None):
+    """Seconds a run took, its stages' sum (0.0 where none was recorded)."""
+    paths = [part for _, _, part, _ in stages(path, method, 0)] if method in PIPELINES else [path]
+    total = 0.0
+    for p in paths:
+        try:
+            total += float(open(os.path.join(p, "wall_s")).read())
+        except (OSError, ValueError):
+            pass
+    return total
 
 
 def run_all(args):
@@ -102,10 +128,11 @@ def run_all(args):
     todo = []  # (stage index, row, seed, train.py's --method, --max_steps, --out_dir, --model or None)
     for s in range(args.seeds):
         for m in args.methods:
-            for k, (method, steps, path, model) in enumerate(stages(run_dir(args.out, m, s), m, args.steps)):
+            for k, (method, steps, path, model) in enumerate(stages(run_dir(args.out, m, s), m, args.steps, args.sft_share)):
                 if not finished(path, steps):
                     todo.append((k, m, s, method, steps, path, model))
     bar, done_steps = tqdm(total=sum(key[4] for key in todo), desc="experiment", unit="step", dynamic_ncols=True), {}
+    started = {}  # out_dir -> when its process started: each stage's wall time goes to <out_dir>/wall_s
 
     def start(key):
         _, _, s, method, steps, path, model = key
@@ -114,9 +141,13 @@ def run_all(args):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", method, "--seed", str(s),
                "--max_steps", str(steps), "--eval_every", str(args.eval_every), "--out_dir", path,
                "--save_every", str(args.eval_every), "--no-progress", *resume, *args.train_args,
-               *(["--model", model] if model else [])]  # after the pass-through flags: this one wins
+               *(["--model", model, *args.then_args.split()] if model else [])]  # after the pass-through flags: these win
         with open(os.path.join(path, "train.log"), "a") as log:  # the child keeps its own copy of the handle
+            started[path] = time.time()
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+    def done(key):
+        add_wall(key[5], time.time() - started[key[5]])
 
     def tick(running):
         for key, _ in running:
@@ -127,7 +158,7 @@ def run_all(args):
         bar.set_postfix_str(" ".join(f"{key[1]}/s{key[2]}" for key, _ in running))
 
     for k in (0, 1):  # a second stage starts from its first stage's last checkpoint
-        pool([key for key in todo if key[0] == k], args.jobs, start, tick=tick,
+        pool([key for key in todo if key[0] == k], args.jobs, start, tick=tick, done=done,
              error=lambda key, proc: f"experiment.py: error: {key[1]} seed {key[2]} failed (exit {proc.returncode}); "
                                      f"see {key[5]}/train.log")
     bar.close()
@@ -193,11 +224,8 @@ def teacher_length(args):
 # ----------------------------------------------------------------------------
 # the report: per-method curves (mean over seeds) and the results table
 
-
-def curves(rows, key):
-    """(steps, values) of one metric from one run's metrics rows."""
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
+FIGURE2 = [("train/reward", "reward (teacher samples excluded)"), ("train/response_len", "response length (tokens)"),
+           ("train/teacher_injected", "teacher samples injected per step"), ("eval/accuracy", "held-out accuracy")]
 
 
 def teacher_signal(row, method):
@@ -255,7 +283,7 @@ def summary(runs, parts=(), out="", window=20, best=None):
                     "final_acc_mean": statistics.mean(final), "final_acc_std": statistics.pstdev(final),
                     "final_acc": final, "steps_to_half_best": reach, "teacher_total": statistics.mean(teacher),
                     "zero_var_frac": statistics.mean(zero_var) if zero_var else None, "seeds": len(rs),
-                    "window": window}
+                    "window": window, "wall_s": [wall(run_dir(out, m, s), m) for s in range(len(rs))]}
         for key, name in (("train/response_len", "len"), ("train/teacher_injected", "teacher"),
                           ("teacher_signal", "teacher_signal"), ("train/reward", "reward")):
             table[m][f"{name}_start"] = window_mean(rs, key, True, window, m)
@@ -278,7 +306,7 @@ def markdown(best, table, parts=(), teacher_len=None):
     heads = ["method", "held-out accuracy at step 0", "final held-out accuracy", *part_heads,
              f"steps to {best / 2:.3f} (half the best)", f"response length, first {w} / peak / last {w} steps",
              f"teacher samples per step, first / last {w}", f"of which with a gradient, last {w}",
-             "teacher samples in all", "zero-variance groups"]
+             "teacher samples in all", "zero-variance groups", "wall time per run (min)"]
     lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
     f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # "-": not logged (sft has no rollouts)
     for m, t in table.items():
@@ -289,48 +317,12 @@ def markdown(best, table, parts=(), teacher_len=None):
         cells = [m, f"{t['start_acc_mean']:.3f}", f"{t['final_acc_mean']:.3f} +- {t['final_acc_std']:.3f}", *part_cells,
                  reach_s, f"{f(t['len_start'])} / {f(t['len_peak'])} / {f(t['len_end'])}",
                  f"{f(t['teacher_start'])} / {f(t['teacher_end'])}", f(t["teacher_signal_end"]),
-                 f(t["teacher_total"], ".0f"), f(t["zero_var_frac"], ".2f")]
+                 f(t["teacher_total"], ".0f"), f(t["zero_var_frac"], ".2f"),
+                 ", ".join(f"{w / 60:.1f}" if w else "-" for w in t["wall_s"])]  # "-": not recorded
         lines.append("| " + " | ".join(cells) + " |")
     if teacher_len is not None:
         lines.append(f"\nThe teacher's solutions average {teacher_len:.1f} tokens (EOS included).")
     return "\n".join(lines)
-
-
-def plot(runs, path, teacher_len=None):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("experiment.py: matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
-        return
-    panels = [("train/reward", "reward (teacher samples excluded)"), ("train/response_len", "response length (tokens)"),
-              ("train/teacher_injected", "teacher samples injected per step"), ("eval/accuracy", "held-out accuracy")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for ax, (key, title) in zip(axes, panels):
-        for i, (m, rs) in enumerate(runs.items()):
-            series = [curves(rows, key) for rows in rs]
-            steps = series[0][0]
-            n = min(len(v) for _, v in series)
-            if n == 0:  # sft has no rollouts: no reward or length
-                continue
-            vals = [[v[i] for _, v in series] for i in range(n)]
-            smooth = 1 if key == "eval/accuracy" else 10  # moving average over 10 steps for per-step metrics
-            mean = [statistics.mean(x) for x in vals]
-            lo = [min(x) for x in vals]
-            hi = [max(x) for x in vals]
-            ma = lambda xs: [statistics.mean(xs[max(0, i - smooth + 1):i + 1]) for i in range(len(xs))]
-            ax.plot(steps[:n], ma(mean), label=m, color=f"C{i}")  # one colour per method in every panel
-            ax.fill_between(steps[:n], ma(lo), ma(hi), alpha=0.2, color=f"C{i}")
-        if key == "train/response_len" and teacher_len is not None:
-            ax.axhline(teacher_len, color="gray", linestyle="--", linewidth=1, label="teacher")
-            ax.legend(loc="center right", fontsize=8)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[-1].legend()  # held-out accuracy: the panel every method has
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -344,6 +336,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--part_eval", nargs="*", default=[], metavar="NAME=SPEC",
                    help="also score each run's last checkpoint on SPEC's eval split (eval.py)")
+    p.add_argument("--sft_share", type=float, default=SFT_SHARE, help="a pipeline's share of --steps for its SFT stage")
+    p.add_argument("--then_args", default="", help="train.py flags for a pipeline's second stage only, e.g. '--lr 1e-4'")
     p.add_argument("--window", type=int, default=20, help="steps averaged for the first/last columns")
     p.add_argument("--report", action="store_true", help="skip training; plot and tabulate finished runs")
     p.add_argument("--best", type=float, help="the accuracy whose half 'steps to half the best' counts to "
@@ -378,7 +372,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    plot(runs, args.png or os.path.join(args.out, "figure2.png"), teacher_len)
+    plot.figure(runs, args.png or os.path.join(args.out, "figure2.png"), FIGURE2, cols=4, prog="experiment.py",
+                hlines={"train/response_len": (teacher_len, "teacher")} if teacher_len is not None else None)
     return table
 
 

@@ -273,6 +273,18 @@ def test_builtin_spec():
                                       teacher="verbose")[1]
 
 
+@pytest.mark.parametrize("easy", [0.0, 0.5])
+def test_builtin_validation_split_is_disjoint_and_leaves_the_task_alone(easy):
+    """`builtin:val`: settings are chosen on pairs that neither the reported held-out set nor train holds."""
+    swaps = lambda pairs: {p for a, b in pairs for p in ((a, b), (b, a))}
+    train, evaluation = task.make_pairs(300, 40, 0, 3, easy)
+    same_train, val = task.make_pairs(300, 40, 0, 3, easy, val=True)
+    assert same_train == train and len(val) == 40 and not swaps(val) & swaps(train + evaluation)
+    assert sum(a + b >= 1000 for a, b in val) == sum(a + b >= 1000 for a, b in evaluation)  # the same mix
+    assert load_problems("builtin:n_train=300,n_eval=40,val", "eval")[0] == \
+        builtin_task(n_train=300, n_eval=40, val=True)[1]
+
+
 # ----------------------------------------------------------------------------
 # render_prompt and encode
 

@@ -46,6 +46,8 @@ def test_train_end_to_end_few_steps(tmp_path, monkeypatch):
     assert any(not torch.equal(trained[k], base[k]) for k in base)  # the optimizer stepped
     sampler = engines[0].model.state_dict()
     assert len(engines) == 1 and all(torch.equal(sampler[k], trained[k]) for k in trained)  # and the engine has it
+    if importlib.util.find_spec("matplotlib"):  # the README's picture of a run, of this one
+        assert len(script("plot").main([out])) == 6 and os.path.exists(os.path.join(out, "curves.png"))
 
 
 def test_train_bad_input_one_line_errors(tmp_path, capsys):
