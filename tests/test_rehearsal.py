@@ -527,7 +527,7 @@ def test_train_from_a_hub_id_loads_and_samples_the_downloaded_directory(tmp_path
     monkeypatch.setattr(rollout, "make_engine", lambda kind, model, tok, path, **kw: paths.append(path) or
                         real(kind, model, tok, path, **kw))
     train.main(TRAIN_SMALL + ["--max_steps", "0", "--eval_problems", "2", "--recipe", "laptop", "--model", "someone/tiny-copy",
-                              "--out_dir", str(tmp_path / "run")])
+                              "--no-preflight", "--out_dir", str(tmp_path / "run")])  # no hub to read config.json from
     assert downloads == ["someone/tiny-copy"] and paths == [tiny.SHIPPED]
 
 
