@@ -166,12 +166,12 @@ def parse_args(argv, dist):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, note = parse_args(argv, parallel.from_env())
+    argv, here = sys.argv[1:] if argv is None else list(argv), parallel.from_env()
+    cfg, note = parse_args(argv, here)
     if cfg.print_config:  # the recipe's values under the flags given; nothing is read
         return print(json.dumps(dataclasses.asdict(cfg)))
     parallel.configure_allocator()  # before anything asks CUDA a question
-    ranks, here = parallel.ranks_to_start(cfg.nproc), parallel.from_env()  # ranks: 0 under torchrun
+    ranks = parallel.ranks_to_start(cfg.nproc)  # 0 under torchrun, which started this process
     if cfg.plan or cfg.preflight:  # config.json alone, before any weight, data or process group (lib/preflight.py)
         try:
             engine = cfg.rollout if cfg.plan else resolve_engine(cfg.rollout)[0]  # a plan is for GPUs elsewhere

@@ -20,6 +20,7 @@ from lib.plan import GiB, Hardware
 
 CPU_RANK_HOST_GIB = 1.0  # one CPU rank's python, torch and transformers (train.py's RSS is ~0.7 GiB)
 GPUS_PER_NODE = 8  # the node size suggested when this one has too few GPUs
+SEVERAL_NODES = [(k, GPUS_PER_NODE) for k in (2, 4, 8)]  # (nodes, GPUs each) tried past one node
 
 
 def host_ram_gib():
@@ -70,8 +71,7 @@ def check(config, cfg, hw, cuda, gpus_here, command):
         if need <= plan.FRAGMENTATION * hw.gib * GiB:
             return None
         on_gpus = dataclasses.replace(cfg, rollout="vllm")  # what --rollout auto takes on a GPU node with vLLM
-        gpu = smallest_fit(config, on_gpus, 80.0, [(1, n) for n in (1, 2, 4, GPUS_PER_NODE)] +
-                           [(k, GPUS_PER_NODE) for k in (2, 4, 8)])
+        gpu = smallest_fit(config, on_gpus, 80.0, [(1, n) for n in (1, 2, 4, GPUS_PER_NODE)] + SEVERAL_NODES)
         where = f"a GPU node: {torchrun_line(*gpu, command)}" if gpu else "no GPU node of up to 8 x 8 x 80 GiB"
         return (f"does not fit: the run needs {need / GiB:,.1f} GiB of host RAM ({hw.world} CPU rank(s)), this "
                 f"machine has {hw.gib:.1f} GiB; fits: {where}")
@@ -87,13 +87,12 @@ def check(config, cfg, hw, cuda, gpus_here, command):
         fits = torchrun_line(*more_here, command)
     else:
         memory, tokens = plan.headroom(config, cfg, hw)
-        flags = [f"--micro_batch_tokens {tokens}" if tokens and tokens < (cfg.micro_batch_tokens or 1 << 30) else "",
-                 f"--vllm_gpu_memory {memory:g}" if memory and cfg.rollout != "hf" else ""]
-        flags = [f for f in flags if f]
-        bigger = smallest_fit(config, cfg, hw.gib, [(1, n) for n in range(hw.gpus + 1, GPUS_PER_NODE + 1)] +
-                              [(k, GPUS_PER_NODE) for k in (2, 4, 8)])
-        if flags:
-            fits = f"{command} {flags[0]} (--plan {plan.plan_name(hw)} shows the rest)"
+        flag = (f"--micro_batch_tokens {tokens}" if tokens and tokens < (cfg.micro_batch_tokens or 1 << 30) else
+                f"--vllm_gpu_memory {memory:g}" if memory and cfg.rollout != "hf" else None)
+        bigger = None if flag else smallest_fit(
+            config, cfg, hw.gib, [(1, n) for n in range(hw.gpus + 1, GPUS_PER_NODE + 1)] + SEVERAL_NODES)
+        if flag:
+            fits = f"{command} {flag} (--plan {plan.plan_name(hw)} shows the rest)"
         elif bigger:
             hw_, _ = bigger
             fits = torchrun_line(*bigger, command) + (f" on a node of {hw_.gpus} such GPUs" if hw_.nodes == 1 else
