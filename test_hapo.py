@@ -51,6 +51,7 @@ from tests.test_sft import *  # noqa: E402,F401,F403  --method sft and SFT-then-
 from tests.test_layout import *  # noqa: E402,F401,F403  tier 1: the house (root and lib/), no arrow up, no cycle
 from tests.test_recipe import *  # noqa: E402,F401,F403  the card's command: recipes, the pre-flight, one rank per GPU
 from tests.test_plot import *  # noqa: E402,F401,F403  tier 1: scripts/plot.py, a picture of any run
+from tests.test_grid import *  # noqa: E402,F401,F403  tier 1: scripts/grid.py, each row's setting chosen on validation
 
 
 # ----------------------------------------------------------------------------

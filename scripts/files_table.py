@@ -36,7 +36,7 @@ WHAT = {  # path -> what it holds; the order is the README's: the method at the 
     "lib/symbolic.py": "the reward's sympy (and math-verify) in worker processes under a hard deadline",
     "lib/tiny_base/": "the shipped base model (3.2 MB) and its build record",
     "tests/": "the tiers' modules, the reward's case tables, child-process drivers, the 7B/1.5B configs (no weights)",
-    "scripts/": "experiment.py (Figure 2, several seeds), plot.py (a picture of any run), probe.py, files_table.py",
+    "scripts/": "experiment.py (Figure 2, several seeds), plot.py (a picture of any run), grid.py (a setting per row, chosen on validation), probe.py, files_table.py",
     "benchmarks/": "bench.py (against TRL; its TRL side in bench_trl.py), rollout_speed.py, gpu_check.py, their requirements",
     "docs/": "ALGORITHM.md, RESULTS.md, EVIDENCE.md, BENCH.md, TESTING.md, REWARD.md, VLLM.md, SCALE.md, CHECKPOINTS.md, MODELS.md, figures",
 }
