@@ -325,6 +325,12 @@ def markdown(best, table, parts=(), teacher_len=None):
     return "\n".join(lines)
 
 
+def legend(method, walls):
+    """A row's label in the figure, with each run's wall time: `hapo (4.1, 3.9, 4.0 min)`."""
+    known = [f"{w / 60:.1f}" for w in walls if w]
+    return f"{method} ({', '.join(known)} min)" if known else method
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named experiment: its defaults, then the flags given")
@@ -372,7 +378,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    plot.figure(runs, args.png or os.path.join(args.out, "figure2.png"), FIGURE2, cols=4, prog="experiment.py",
+    plot.figure({legend(m, table[m]["wall_s"]): rs for m, rs in runs.items()}, args.png or os.path.join(args.out, "figure2.png"), FIGURE2,
+                cols=4, prog="experiment.py",
                 hlines={"train/response_len": (teacher_len, "teacher")} if teacher_len is not None else None)
     return table
 

@@ -51,3 +51,10 @@ def test_grid_refuses_what_it_cannot_read(tmp_path):
     _run(str(tmp_path / "b"), "lr5e-4", "hapo", [0.0, 0.6])
     with pytest.raises(SystemExit, match="in two of"):
         grid.main([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_the_figure_labels_each_row_with_its_runs_wall_times():
+    experiment = script("experiment")
+    assert experiment.legend("hapo", [246.0, 234.0, 240.0]) == "hapo (4.1, 3.9, 4.0 min)"
+    assert experiment.legend("sft", [0.0, 60.0]) == "sft (1.0 min)"  # a run without wall_s is left out
+    assert experiment.legend("grpo", [0.0]) == "grpo"
