@@ -22,6 +22,15 @@ import experiment  # noqa: E402  scripts/experiment.py: a run's metrics (pipelin
 from plot import curves  # noqa: E402
 
 
+def order(name):
+    """Settings in the table's order: by the number after `lr`, highest first, then by name."""
+    head = name.split("_")[0]
+    try:
+        return (-float(head[2:]), name) if head.startswith("lr") else (0.0, name)
+    except ValueError:
+        return (0.0, name)
+
+
 def settings(grids):
     """{method: {setting: (steps at each evaluation, accuracies, wall seconds)}} over every grid
     directory, seed 0's finished run of each (one still going is left out); a setting named in two
@@ -30,7 +39,7 @@ def settings(grids):
     for grid in grids:
         if not os.path.isdir(grid):
             sys.exit(f"grid.py: error: {grid} is not a directory")
-        for name in sorted(os.listdir(grid)):
+        for name in sorted(os.listdir(grid), key=order):
             for m in experiment.ROWS:
                 path = experiment.run_dir(os.path.join(grid, name), m, 0)
                 rows = experiment.read_metrics(path, m) if os.path.isdir(path) else []

@@ -39,6 +39,8 @@ def test_grid_keeps_the_default_unless_beaten_by_the_margin(tmp_path, capsys):
     assert "| lr5e-5 (chosen) | 0-50 | 0.000 / 0.300 / 0.550 | **0.550** | 1.0 |" in out
     assert "0.700" not in out  # the unfinished run is not listed
     assert grid.main([g, "--margin", "0.0"])["hapo"] == "lr1.5e-4"
+    names = ["lr5e-5", "notes", "lr1.5e-4_sft0.5", "lr5e-4", "lr1.5e-4_sft0.25"]
+    assert sorted(names, key=grid.order) == ["lr5e-4", "lr1.5e-4_sft0.25", "lr1.5e-4_sft0.5", "lr5e-5", "notes"]
 
 
 def test_grid_refuses_what_it_cannot_read(tmp_path):
