@@ -32,7 +32,7 @@ def order(name):
 
 
 def settings(grids):
-    """{method: {setting: (steps at each evaluation, accuracies, wall seconds)}} over every grid
+    """{method: {setting: (steps at each evaluation, accuracies, wall seconds, tail())}} over every grid
     directory, seed 0's finished run of each (one still going is left out); a setting named in two
     grids is an error."""
     found = {}
@@ -50,8 +50,15 @@ def settings(grids):
                     sys.exit(f"grid.py: error: setting {name} of {m} is in two of {grids}")
                 last = experiment.stages(path, m, 0)[-1][2]  # experiment.py writes wall_s when a stage ends
                 if os.path.exists(os.path.join(last, "wall_s")):
-                    found[m][name] = (steps, acc, experiment.wall(path, m))
+                    found[m][name] = (steps, acc, experiment.wall(path, m), tail(rows))
     return {m: runs for m, runs in found.items() if runs}
+
+
+def tail(rows, n=10):
+    """Mean reward and truncated share over the last n training steps ("-" for sft: no rollouts)."""
+    last = [r for r in rows if "train/reward" in r][-n:]
+    mean = lambda key: f"{sum(r.get(key, 0.0) for r in last) / len(last):.2f}" if last else "-"
+    return mean("train/reward"), mean("train/truncated_frac")
 
 
 def choose(runs, defaults, margin):
@@ -68,11 +75,12 @@ def table(found, defaults, margin):
     lines, chosen = [], {}
     for m, runs in found.items():
         chosen[m] = choose(runs, defaults, margin)
-        lines += ["", f"**{m}**", "", "| setting | steps evaluated | validation accuracy at each | final | wall time (min) |",
-                  "| --- | --- | --- | --- | --- |"]
-        for name, (steps, acc, wall) in runs.items():
+        lines += ["", f"**{m}**", "", "| setting | steps evaluated | validation accuracy at each | final | reward, "
+                  "last 10 steps | truncated, last 10 | wall time (min) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, (steps, acc, wall, (reward, truncated)) in runs.items():
             lines.append(f"| {name}{' (chosen)' if name == chosen[m] else ''} | {steps[0]}-{steps[-1]} | "
-                         f"{' / '.join(f'{a:.3f}' for a in acc)} | **{acc[-1]:.3f}** | {f'{wall / 60:.1f}' if wall else '-'} |")
+                         f"{' / '.join(f'{a:.3f}' for a in acc)} | **{acc[-1]:.3f}** | {reward} | {truncated} | "
+                         f"{f'{wall / 60:.1f}' if wall else '-'} |")
     lines += ["", "Chosen: " + ", ".join(f"{m} {s}" for m, s in chosen.items())]
     return "\n".join(lines).strip(), chosen
 

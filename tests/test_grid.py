@@ -15,6 +15,7 @@ def _run(grid, setting, method, accs, wall=60.0, stages=None):
     for k, part in enumerate(parts):
         os.makedirs(part)
         rows = [{"step": 25 * i, "eval/accuracy": a} for i, a in enumerate(accs)]
+        rows[1:] = [{**r, "train/reward": 0.5, "train/truncated_frac": 0.25} for r in rows[1:]]
         with open(os.path.join(part, "metrics.jsonl"), "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
         if wall is not None:
@@ -36,7 +37,7 @@ def test_grid_keeps_the_default_unless_beaten_by_the_margin(tmp_path, capsys):
     chosen = grid.main([g])
     assert chosen == {"hapo": "lr5e-4", "luffy": "lr5e-5", "grpo": "lr5e-4", "sft-then-grpo": "lr1.5e-4_sft0.25"}
     out = capsys.readouterr().out
-    assert "| lr5e-5 (chosen) | 0-50 | 0.000 / 0.300 / 0.550 | **0.550** | 1.0 |" in out
+    assert "| lr5e-5 (chosen) | 0-50 | 0.000 / 0.300 / 0.550 | **0.550** | 0.50 | 0.25 | 1.0 |" in out
     assert "0.700" not in out  # the unfinished run is not listed
     assert grid.main([g, "--margin", "0.0"])["hapo"] == "lr1.5e-4"
     names = ["lr5e-5", "notes", "lr1.5e-4_sft0.5", "lr5e-4", "lr1.5e-4_sft0.25"]
