@@ -61,3 +61,16 @@ def test_the_figure_labels_each_row_with_its_runs_wall_times():
     assert experiment.legend("hapo", [246.0, 234.0, 240.0]) == "hapo (4.1, 3.9, 4.0 min)"
     assert experiment.legend("sft", [0.0, 60.0]) == "sft (1.0 min)"  # a run without wall_s is left out
     assert experiment.legend("grpo", [0.0]) == "grpo"
+
+
+def test_the_pipeline_runs_at_its_chosen_setting_unless_told_otherwise():
+    """experiment.py's defaults are the settings grid.py chose (docs/RESULTS.md, docs/EVIDENCE.md):
+    a quarter SFT then lr 1.5e-4 on the built-in task, half SFT on the evidence preset; flags given win."""
+    experiment = script("experiment")
+    builtin, evidence = experiment.parse_args([]), experiment.parse_args(["--preset", "evidence"])
+    assert (builtin.sft_share, builtin.then_args) == (0.25, "--lr 1.5e-4")
+    assert (evidence.sft_share, evidence.then_args, evidence.steps) == (0.5, "--lr 1.5e-4", 300)
+    untuned = experiment.parse_args(["--preset", "evidence", "--sft_share", "0.25", "--then_args=--lr 5e-4"])
+    assert (untuned.sft_share, untuned.then_args) == (0.25, "--lr 5e-4")
+    n = [steps for _, steps, _, _ in experiment.stages("out", "sft-then-grpo", evidence.steps, evidence.sft_share)]
+    assert n == [150, 150]
