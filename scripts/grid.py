@@ -63,7 +63,7 @@ def tail(rows, n=10):
 
 def choose(runs, defaults, margin):
     """The setting a method keeps: its default unless another's final accuracy beats the default's by
-    more than `margin`; then the best. None when it ran no default."""
+    more than `margin`; then the best. A method that ran none of its defaults gets the best."""
     default = next((d for d in defaults if d in runs), None)
     best = max(runs, key=lambda s: runs[s][1][-1])
     if default is None:
